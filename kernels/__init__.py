@@ -1,0 +1,1 @@
+"""Triton kernels of vllm-specdiff (installed as ``vllm_specdiff.kernels``)."""

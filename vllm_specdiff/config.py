@@ -1,0 +1,115 @@
+"""SpecDiff settings: parsed from vLLM's ``speculative_config`` and validated at engine start.
+
+Users write ``{"method": "specdiff", "model": DRAFTER, "num_speculative_tokens": 8,
+"diffusion_steps": 2, ...}``. Every key is checked here, so a bad value fails the
+engine start with one message that names the setting and its allowed range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+from vllm_specdiff.schedules import SCHEDULES
+
+METHOD = "specdiff"
+MAX_GAMMA = 64
+DRAFTER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+WARMUP_METHODS = ("none", "ngram", "specdiff")
+
+
+class SpecDiffConfigError(ValueError):
+    """A specdiff setting is missing or out of range."""
+
+
+@dataclass(frozen=True)
+class SpecDiffConfig:
+    """What the user can set; the field names are the speculative_config keys."""
+
+    model: str = "mdlm"
+    """Drafter: a folder in the mdlm-owt layout, a cached HF repo id, or 'mdlm'."""
+    num_speculative_tokens: int = 8
+    """gamma: draft tokens per request per step, 1..64."""
+    diffusion_steps: int = 2
+    """T: denoising steps (drafter forward passes) per proposal, 1..gamma."""
+    schedule: str = "left_to_right"
+    """Which masked positions each step reveals: left_to_right | random | confidence."""
+    context_window: int = 64
+    """W: the drafter sees the last W context tokens (longer contexts are cut)."""
+    drafter_dtype: str = "auto"
+    """auto (the target's dtype) | float32 | bfloat16 | float16."""
+    draft_temperature: float | None = None
+    """None: draft at each request's own temperature (greedy requests draft argmax)."""
+    adaptive: bool = True
+    """Adapt gamma to the batch size and the observed acceptance; stop drafting when
+    it cannot pay."""
+    warmup_tokens: int = 0
+    """The first N generated tokens of a request use `warmup_method` instead."""
+    warmup_method: str = "ngram"
+    """none (no speculation) | ngram (prompt lookup) | specdiff, for warm-up tokens."""
+
+    # Filled at engine start, not by users.
+    drafter_path: str = field(default="", compare=False)
+
+    @property
+    def gamma(self) -> int:
+        return self.num_speculative_tokens
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "SpecDiffConfig":
+        return cls(**json.loads(text))
+
+    @classmethod
+    def from_user(cls, settings: dict) -> "SpecDiffConfig":
+        """Validate the user's speculative_config dict (``method`` already 'specdiff')."""
+        allowed = {f.name for f in dataclasses.fields(cls)} - {"drafter_path"}
+        unknown = sorted(set(settings) - allowed - {"method"})
+        if unknown:
+            raise SpecDiffConfigError(
+                f"speculative_config: unknown setting(s) {unknown} for method "
+                f"'specdiff'; allowed: {sorted(allowed | {'method'})}"
+            )
+        values = {k: v for k, v in settings.items() if k != "method" and v is not None}
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        def fail(name: str, allowed: str) -> None:
+            raise SpecDiffConfigError(
+                f"speculative_config.{name}={getattr(self, name)!r} is invalid for "
+                f"method 'specdiff': {allowed}"
+            )
+
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if not is_int(self.num_speculative_tokens) or not 1 <= self.num_speculative_tokens <= MAX_GAMMA:
+            fail("num_speculative_tokens", f"gamma must be an integer in [1, {MAX_GAMMA}]")
+        if not is_int(self.diffusion_steps) or not 1 <= self.diffusion_steps <= self.gamma:
+            fail("diffusion_steps",
+                 f"T must be an integer in [1, num_speculative_tokens={self.gamma}]")
+        if self.schedule not in SCHEDULES:
+            fail("schedule", f"must be one of {list(SCHEDULES)}")
+        if not is_int(self.context_window) or self.context_window < 1:
+            fail("context_window", "W must be an integer >= 1")
+        if self.drafter_dtype not in DRAFTER_DTYPES:
+            fail("drafter_dtype", f"must be one of {list(DRAFTER_DTYPES)}")
+        if self.draft_temperature is not None and not (
+            isinstance(self.draft_temperature, (int, float))
+            and not isinstance(self.draft_temperature, bool)
+            and 0.0 <= self.draft_temperature <= 10.0
+        ):
+            fail("draft_temperature", "must be null (follow each request) or a number in [0, 10]")
+        if not isinstance(self.adaptive, bool):
+            fail("adaptive", "must be true or false")
+        if not is_int(self.warmup_tokens) or self.warmup_tokens < 0:
+            fail("warmup_tokens", "must be an integer >= 0")
+        if self.warmup_method not in WARMUP_METHODS:
+            fail("warmup_method", f"must be one of {list(WARMUP_METHODS)}")
+        if not isinstance(self.model, str) or not self.model:
+            fail("model", "the drafter: a folder, a cached Hugging Face repo id, or 'mdlm'")

@@ -1,0 +1,233 @@
+"""The MDLM drafter: a diffusion transformer (DiT) over token sequences, in one file.
+
+Same architecture and parameter names as MDLM's ``DITBackbone`` (Sahoo et al., 2024;
+checkpoint ``kuleshov-group/mdlm-owt``), so its ``model.safetensors`` loads as is:
+
+- token embedding is a raw parameter ``vocab_embed.embedding`` [V, d];
+- conditioning c = SiLU(TimestepEmbedder(sigma)) drives adaLN-Zero shift / scale /
+  gate in every block and in the output layer;
+- rotary embeddings (rotate-half) on q and k, bidirectional attention;
+- LayerNorm with weight only, computed in float32;
+- an untied output head with bias.
+
+``MDLM.forward`` returns raw logits; the SUBS parameterisation (mask logit -inf,
+clean tokens carried over) is applied by the sampler in ``drafter.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class MDLMConfig:
+    """The fields of mdlm-owt's ``config.json`` (the rest of that file is ignored)."""
+
+    vocab_size: int = 50258  # GPT-2 BPE + one mask token (the last id)
+    model_length: int = 1024
+    hidden_dim: int = 768
+    cond_dim: int = 128
+    n_blocks: int = 12
+    n_heads: int = 12
+    dropout: float = 0.1
+    time_conditioning: bool = False
+
+    @property
+    def mask_token_id(self) -> int:
+        return self.vocab_size - 1
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MDLMConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with a weight and no bias, computed in float32 (as MDLM does)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(x.float(), (self.dim,))
+        return (y * self.weight.float()).to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding, rotate-half (NeoX) convention, base 10000."""
+
+    def __init__(self, head_dim: int, base: float = 10_000.0):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
+        # Stored in mdlm-owt's file, so kept as a persistent buffer.
+        self.register_buffer("inv_freq", inv_freq)
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, L] -> cos, sin [B, 1, L, head_dim]."""
+        freqs = positions.float()[..., None] * self.inv_freq.float()
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of sigma -> MLP; mdlm-owt names it ``sigma_map``."""
+
+    def __init__(self, cond_dim: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(
+            nn.Linear(freq_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim)
+        )
+
+    def forward(self, sigma: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(
+            -math.log(10_000) * torch.arange(half, device=sigma.device).float() / half
+        )
+        args = sigma.float()[:, None] * freqs[None]
+        feats = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return self.mlp(feats.to(self.mlp[0].weight.dtype))
+
+
+class EmbeddingLayer(nn.Module):
+    def __init__(self, dim: int, vocab_size: int):
+        super().__init__()
+        self.embedding = nn.Parameter(torch.empty(vocab_size, dim))
+        nn.init.kaiming_uniform_(self.embedding, a=math.sqrt(5))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embedding[ids]
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+class DDiTBlock(nn.Module):
+    def __init__(self, cfg: MDLMConfig):
+        super().__init__()
+        d, self.n_heads = cfg.hidden_dim, cfg.n_heads
+        self.norm1 = LayerNorm(d)
+        self.attn_qkv = nn.Linear(d, 3 * d, bias=False)
+        self.attn_out = nn.Linear(d, d, bias=False)
+        self.norm2 = LayerNorm(d)
+        self.mlp = nn.Sequential(
+            nn.Linear(d, 4 * d), nn.GELU(approximate="tanh"), nn.Linear(4 * d, d)
+        )
+        self.dropout = cfg.dropout
+        self.adaLN_modulation = nn.Linear(cfg.cond_dim, 6 * d)
+
+    def forward(self, x, c, cos, sin, attn_mask):
+        B, L, d = x.shape
+        (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp) = (
+            self.adaLN_modulation(c)[:, None].chunk(6, dim=-1)
+        )
+        h = modulate(self.norm1(x), shift_msa, scale_msa)
+        q, k, v = self.attn_qkv(h).view(B, L, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        a = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        a = self.attn_out(a.transpose(1, 2).reshape(B, L, d))
+        x = x + gate_msa * F.dropout(a, self.dropout, self.training)
+        h = modulate(self.norm2(x), shift_mlp, scale_mlp)
+        return x + gate_mlp * F.dropout(self.mlp(h), self.dropout, self.training)
+
+
+class DDitFinalLayer(nn.Module):
+    def __init__(self, cfg: MDLMConfig):
+        super().__init__()
+        self.norm_final = LayerNorm(cfg.hidden_dim)
+        self.linear = nn.Linear(cfg.hidden_dim, cfg.vocab_size)
+        self.adaLN_modulation = nn.Linear(cfg.cond_dim, 2 * cfg.hidden_dim)
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class DITBackbone(nn.Module):
+    def __init__(self, cfg: MDLMConfig):
+        super().__init__()
+        self.config = cfg
+        self.vocab_embed = EmbeddingLayer(cfg.hidden_dim, cfg.vocab_size)
+        self.sigma_map = TimestepEmbedder(cfg.cond_dim)
+        self.rotary_emb = Rotary(cfg.hidden_dim // cfg.n_heads)
+        self.blocks = nn.ModuleList(DDiTBlock(cfg) for _ in range(cfg.n_blocks))
+        self.output_layer = DDitFinalLayer(cfg)
+
+    def forward(self, ids, sigma, positions=None, key_padding_mask=None, num_last=None):
+        B, L = ids.shape
+        if positions is None:
+            positions = torch.arange(L, device=ids.device).expand(B, L)
+        x = self.vocab_embed(ids)
+        if not self.config.time_conditioning:
+            sigma = torch.zeros_like(sigma)
+        c = F.silu(self.sigma_map(sigma))
+        cos, sin = self.rotary_emb.cos_sin(positions)
+        # key_padding_mask [B, L], True = real token; SDPA wants [B, 1, 1, L].
+        attn_mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+        for block in self.blocks:
+            x = block(x, c, cos, sin, attn_mask)
+        if num_last is not None:  # drafting only needs logits of the masked tail
+            x = x[:, L - num_last :]
+        return self.output_layer(x, c)
+
+
+class MDLM(nn.Module):
+    """MDLM with mdlm-owt's module names: every weight is ``backbone.*``."""
+
+    def __init__(self, cfg: MDLMConfig):
+        super().__init__()
+        self.config = cfg
+        self.backbone = DITBackbone(cfg)
+        self.apply(self._init_weights)
+        # adaLN-Zero: modulation starts at zero so each block starts as identity.
+        for mod in [*(b.adaLN_modulation for b in self.backbone.blocks),
+                    self.backbone.output_layer.adaLN_modulation]:
+            nn.init.zeros_(mod.weight)
+            nn.init.zeros_(mod.bias)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        sigma: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        num_last: int | None = None,
+    ) -> torch.Tensor:
+        """input_ids [B, L] -> raw logits [B, L, V] (or [B, num_last, V]).
+
+        positions [B, L] are rotary positions (default 0..L-1); key_padding_mask
+        [B, L] is True for real tokens (padding is never attended to).
+        """
+        if sigma is None:
+            sigma = torch.zeros(input_ids.shape[0], device=input_ids.device)
+        return self.backbone(input_ids, sigma, positions, key_padding_mask, num_last)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,105 @@
+"""Verification of specdiff drafts inside vLLM: the fused kernel behind vLLM's interface.
+
+``SpecDiffRejectionSampler`` replaces vLLM's ``RejectionSampler`` in the model
+runner when the method is specdiff. It keeps vLLM's preprocessing exactly (bonus
+tokens from vLLM's own sampler, so every sampling option and per-request seed
+behaves as without speculation; penalties, bad words, min-tokens, temperature,
+top-k and top-p on the target rows; logprobs), and replaces the verification
+itself with ``vllm_specdiff.kernels.fused_verify.verify``: the fused Triton
+kernel on CUDA, its PyTorch reference elsewhere. vLLM 0.32's CPU path for
+probabilistic verification gave a wrong token distribution in our checks, so it
+is not used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from vllm.v1.outputs import SamplerOutput
+from vllm.v1.sample.rejection_sampler import (
+    GREEDY_TEMPERATURE,
+    RejectionSampler,
+    apply_sampling_constraints,
+    generate_uniform_probs,
+)
+
+from vllm_specdiff.kernels.fused_verify import verify
+
+
+def per_request_uniforms(batch: int, generators: dict[int, torch.Generator],
+                         device: torch.device) -> torch.Tensor:
+    """One u per request for the final (residual or bonus) draw; seeded requests
+    draw theirs from their own generator so their output is reproducible."""
+    u = torch.rand(batch, dtype=torch.float64, device=device)
+    for i, g in generators.items():
+        if i < batch:
+            u[i : i + 1].uniform_(generator=g)
+    return u
+
+
+class SpecDiffRejectionSampler(RejectionSampler):
+    def __init__(self, sampler, spec_config, device, proposer=None):
+        super().__init__(sampler, spec_config, device)
+        self.proposer = proposer  # told the acceptance of each step (adaptive gamma)
+
+    def forward(self, metadata, draft_probs, logits, sampling_metadata) -> SamplerOutput:
+        bonus_sampler_output = self.sampler(
+            logits=logits[metadata.bonus_logits_indices],
+            sampling_metadata=replace(sampling_metadata, max_num_logprobs=-1),
+            predict_bonus_token=True,
+            logprobs_mode_override="processed_logits"
+            if self.is_processed_logprobs_mode else "raw_logits",
+        )
+        raw_target_logits = logits[metadata.target_logits_indices].to(torch.float32)
+        target_logits = raw_target_logits
+        if not self.is_processed_logprobs_mode:
+            target_logits = target_logits.clone()
+        target_logits = self.apply_logits_processors(target_logits, sampling_metadata, metadata)
+        target_logits = apply_sampling_constraints(
+            target_logits, metadata.cu_num_draft_tokens, sampling_metadata
+        )
+
+        output_token_ids, num_accepted = self._verify(
+            metadata, draft_probs, logits, target_logits,
+            bonus_sampler_output.sampled_token_ids.view(-1), sampling_metadata,
+        )
+
+        logprobs_tensors = None
+        if sampling_metadata.max_num_logprobs is not None:
+            logprobs_tensors = self._get_logprobs_tensors(
+                sampling_metadata.max_num_logprobs, metadata, logits,
+                target_logits if self.is_processed_logprobs_mode else raw_target_logits,
+                bonus_sampler_output.logprobs_tensors.logprobs, output_token_ids,
+            )
+        return SamplerOutput(sampled_token_ids=output_token_ids, logprobs_tensors=logprobs_tensors)
+
+    def _verify(self, metadata, draft_probs, logits, target_logits, bonus_token_ids,
+                sampling_metadata):
+        num_draft = metadata.num_draft_tokens
+        batch, device = len(num_draft), target_logits.device
+        # The kernel reads request-major rows [drafts..., bonus]; the bonus row is
+        # not read because the bonus token comes from vLLM's sampler.
+        rows = torch.empty((logits.shape[0], target_logits.shape[1]),
+                           dtype=torch.float32, device=device)
+        rows[metadata.target_logits_indices] = target_logits
+        cu = torch.zeros(batch + 1, dtype=torch.int64, device=device)
+        cu[1:] = metadata.cu_num_draft_tokens
+        if sampling_metadata.all_greedy:
+            is_greedy = torch.ones(batch, dtype=torch.bool, device=device)
+            u_accept = torch.zeros(len(metadata.draft_token_ids), dtype=torch.float64, device=device)
+            u_sample = torch.zeros(batch, dtype=torch.float64, device=device)
+        else:
+            is_greedy = sampling_metadata.temperature == GREEDY_TEMPERATURE
+            u_accept = generate_uniform_probs(len(metadata.draft_token_ids), num_draft,
+                                              sampling_metadata.generators, device)
+            u_sample = per_request_uniforms(batch, sampling_metadata.generators, device)
+        output_token_ids, num_accepted = verify(
+            rows, metadata.draft_token_ids, draft_probs, cu, is_greedy, u_accept, u_sample,
+            metadata.max_spec_len, bonus_token_ids=bonus_token_ids,
+        )
+        if self.proposer is not None:
+            drafted = torch.tensor(num_draft, device=num_accepted.device)
+            rejections = int(((num_accepted < drafted) & (drafted > 0)).sum())
+            self.proposer.observe_acceptance(int(num_accepted.sum()), rejections)
+        return output_token_ids, num_accepted
