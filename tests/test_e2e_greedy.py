@@ -49,9 +49,20 @@ def run_specdiff(max_num_seqs, spec=SPEC):
     return outputs, stats
 
 
-@pytest.mark.parametrize("max_num_seqs", [16, 1])
-def test_greedy_output_identical_to_target_alone(reference_outputs, max_num_seqs):
-    outputs, stats = run_specdiff(max_num_seqs)
+VARIANTS = {
+    "default": {},
+    # other schedule and T, warm-up tokens drafted by vLLM's n-gram proposer
+    "confidence-T4-ngram-warmup": {"schedule": "confidence", "diffusion_steps": 4,
+                                   "warmup_tokens": 8, "warmup_method": "ngram"},
+    "random-T3-no-adaptive": {"schedule": "random", "diffusion_steps": 3, "adaptive": False},
+}
+
+
+@pytest.mark.parametrize("max_num_seqs,variant", [(16, "default"), (1, "default"),
+                                                  (4, "confidence-T4-ngram-warmup"),
+                                                  (8, "random-T3-no-adaptive")])
+def test_greedy_output_identical_to_target_alone(reference_outputs, max_num_seqs, variant):
+    outputs, stats = run_specdiff(max_num_seqs, {**SPEC, **VARIANTS[variant]})
     assert len(outputs) == len(PROMPTS) >= 16
     for prompt, ref, out in zip(PROMPTS, reference_outputs, outputs):
         assert len(out) == MAX_TOKENS
@@ -67,4 +78,4 @@ def test_greedy_output_identical_to_target_alone(reference_outputs, max_num_seqs
     # Every generated token came from a target pass: accepted drafts + one per pass.
     total = sum(len(o) for o in outputs)
     assert stats.accepted_tokens < total
-    print(f"max_num_seqs={max_num_seqs}: {stats.summary()}")
+    print(f"max_num_seqs={max_num_seqs} {variant}: {stats.summary()}")

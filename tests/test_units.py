@@ -132,9 +132,13 @@ def test_drafts_do_not_depend_on_batch_neighbours():
     """Padding is masked: a row drafts the same alone and beside longer rows."""
     drafter = DiffusionDrafter(small_mdlm(), steps=2, schedule="left_to_right", context_window=32)
     contexts = [[5, 6, 7], list(range(1, 40)), [9]]
-    together = drafter.draft(contexts, gamma=6)
+    temps = [0.0, 1.0, 0.5]
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(3)]  # noqa: E731
+    together = drafter.draft(contexts, gamma=6, temperatures=temps, generators=gens())
     for i, ctx in enumerate(contexts):
-        alone = drafter.draft([ctx], gamma=6)
+        alone = drafter.draft([ctx], gamma=6, temperatures=[temps[i]], generators=[gens()[i]])
+        if alone.probs is None:  # greedy alone: compare with a greedy twin below
+            alone = drafter.draft([ctx, ctx], gamma=6, temperatures=[0.0, 1.0])
         assert alone.tokens[0].tolist() == together.tokens[i].tolist()
         torch.testing.assert_close(alone.probs[0], together.probs[i], atol=1e-5, rtol=1e-4)
 
@@ -145,6 +149,14 @@ def test_context_longer_than_window_is_cut_not_an_error():
     a = drafter.draft([long_ctx], gamma=4)
     b = drafter.draft([long_ctx[-8:]], gamma=4)
     assert a.tokens.tolist() == b.tokens.tolist()
+
+
+def test_all_greedy_batch_skips_q():
+    drafter = DiffusionDrafter(small_mdlm(), steps=2, schedule="confidence", context_window=16)
+    d = drafter.draft([[1, 2, 3], [4, 5]], gamma=5)
+    assert d.probs is None and d.drafted_greedily.all()
+    mixed = drafter.draft([[1, 2, 3], [4, 5]], gamma=5, temperatures=[0.0, 0.0001])
+    assert mixed.tokens[0].tolist() == d.tokens[0].tolist()
 
 
 def test_draft_probs_are_distributions_over_target_vocab_and_match_tokens():

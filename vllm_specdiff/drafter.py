@@ -25,7 +25,7 @@ GREEDY = 0.0
 @dataclass
 class Draft:
     tokens: torch.Tensor  # [B, gamma] int64
-    probs: torch.Tensor  # [B, gamma, V_target] float32: q of each drawn token
+    probs: torch.Tensor | None  # [B, gamma, V_target] float32 q; None if all greedy
     exact: bool  # q is the left-to-right conditional (usable at temperature > 0)
     drafted_greedily: torch.Tensor  # [B] bool: argmax drafts, so q is a point mass
     forward_passes: int
@@ -90,18 +90,19 @@ class DiffusionDrafter:
         B = len(contexts)
         steps = min(self.steps, gamma)
         canvas, positions, key_mask = self._canvas(contexts, gamma)
-        temps = torch.tensor(
-            [GREEDY if temperatures is None else float(t) for t in (temperatures or [0] * B)],
-            dtype=torch.float32,
-        )
+        temps = torch.tensor([0.0] * B if temperatures is None else [float(t) for t in temperatures],
+                             dtype=torch.float32)
         if self.draft_temperature is not None:
             temps = torch.where(temps > GREEDY, torch.tensor(self.draft_temperature), temps)
-        greedy = (temps <= GREEDY).to(self.device)
+        # A draft temperature of 0 on a sampled request draws greedily too (q one-hot).
+        greedy = temps <= GREEDY
+        all_greedy = bool(greedy.all())
+        greedy = greedy.to(self.device)
         temps = torch.where(temps > GREEDY, temps, torch.ones_like(temps)).to(self.device)
-        # Draft temperature 0 on a sampled request still draws greedily; q is one-hot.
         V = self.mask_id  # target vocabulary: every id below the mask token
         tokens = torch.zeros(B, gamma, dtype=torch.long, device=self.device)
-        probs = torch.zeros(B, gamma, V, dtype=torch.float32, device=self.device)
+        # Greedy verification never reads q: all-greedy batches skip it entirely.
+        probs = None if all_greedy else torch.zeros(B, gamma, V, device=self.device)
         masked = torch.ones(B, gamma, dtype=torch.bool, device=self.device)
         passes, logits = 0, None
         for step in range(steps):
@@ -110,15 +111,22 @@ class DiffusionDrafter:
                                  num_last=gamma)
                 logits = out[..., :V].float()
                 passes += 1
-            q = torch.softmax(logits / temps[:, None, None], dim=-1)
-            u = self._uniforms((B, gamma), generators)
-            proposal = torch.where(greedy[:, None], logits.argmax(-1),
-                                   sample_inverse_cdf(q, u))
-            confidence = q.gather(-1, proposal.unsqueeze(-1)).squeeze(-1)
+            if all_greedy:
+                q = None
+                proposal = logits.argmax(-1)
+                confidence = (logits.max(-1).values - logits.logsumexp(-1)
+                              if self.schedule == "confidence" else None)
+            else:
+                q = torch.softmax(logits / temps[:, None, None], dim=-1)
+                u = self._uniforms((B, gamma), generators)
+                proposal = torch.where(greedy[:, None], logits.argmax(-1),
+                                       sample_inverse_cdf(q, u))
+                confidence = q.gather(-1, proposal.unsqueeze(-1)).squeeze(-1)
             reveal = reveal_mask(self.schedule, step, steps, masked, confidence)
             if bool(reveal.any()):
                 tokens = torch.where(reveal, proposal, tokens)
-                probs = torch.where(reveal[..., None], q, probs)
+                if q is not None:
+                    probs = torch.where(reveal[..., None], q, probs)
                 canvas[:, -gamma:] = torch.where(reveal, proposal, canvas[:, -gamma:])
                 masked &= ~reveal
                 logits = None

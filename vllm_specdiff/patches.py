@@ -20,6 +20,14 @@ Model runner (worker process):
 6. ``GPUModelRunner.propose_draft_token_ids``: calls our proposer with the batch's
    temperatures and seeds, and keeps its q for the verifier (vLLM discards draft
    probabilities of custom proposers). The CPU runner inherits all three.
+
+vLLM CPU platform (every process):
+7. ``vllm.triton_utils.dispatcher._rebind_kernels``: vLLM's scan of every module
+   for Triton kernels crashes once numba/llvmlite is imported (``llvmlite``'s
+   library wrapper answers ``__dict__`` with a function wrapper), which happens
+   as soon as an n-gram proposer (our warm-up drafting, or vLLM's ngram method)
+   has run in the process; the next CPU engine then fails to start. The copy
+   below only skips such objects.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import dataclasses
 import functools
 import json
 import logging
+import sys
 import time
 from typing import Any, Callable
 
@@ -43,7 +52,7 @@ ORIGINALS: dict[str, Callable] = {}
 
 
 def _keep(owner: Any, name: str) -> Callable:
-    key = f"{owner.__qualname__}.{name}"
+    key = f"{getattr(owner, '__qualname__', owner.__name__)}.{name}"
     ORIGINALS.setdefault(key, owner.__dict__[name])
     return ORIGINALS[key]
 
@@ -175,6 +184,42 @@ def _propose_draft_token_ids(original):
     return propose_draft_token_ids
 
 
+# -- 7: vLLM CPU kernel-override scan -----------------------------------------------
+
+def _rebind_kernels_tolerant(overrides) -> None:
+    """vLLM 0.32's ``_rebind_kernels`` with one guard: an attribute whose
+    ``__dict__`` is not a dict (llvmlite's lazy library wrapper) is skipped."""
+    originals = {original: wrapper for original, wrapper in overrides}
+
+    def lookup(value):
+        for original in originals:
+            if value is original:
+                return originals[original]
+        return None
+
+    for module in list(sys.modules.values()):
+        namespace = getattr(module, "__dict__", None)
+        if not namespace:
+            continue
+        for attr, value in list(namespace.items()):
+            wrapper = lookup(value)
+            if wrapper is not None:
+                setattr(module, attr, wrapper)
+                continue
+            try:
+                instance_dict = object.__getattribute__(value, "__dict__")
+            except AttributeError:
+                continue
+            if not isinstance(instance_dict, dict):
+                continue
+            wrapper = lookup(instance_dict.get("kernel"))
+            if wrapper is None:
+                continue
+            value.kernel = wrapper
+            if not isinstance(value, type):
+                value.__dict__.pop("_kernel_arg_names", None)
+
+
 _applied = False
 
 
@@ -191,6 +236,10 @@ def apply_patches() -> None:
     EngineArgs.create_speculative_config = _create_speculative_config(
         _keep(EngineArgs, "create_speculative_config"))
     GPUModelRunner.__init__ = _runner_init(_keep(GPUModelRunner, "__init__"))
+    from vllm.triton_utils import dispatcher
+
+    _keep(dispatcher, "_rebind_kernels")
+    dispatcher._rebind_kernels = _rebind_kernels_tolerant
     GPUModelRunner.execute_model = _execute_model(_keep(GPUModelRunner, "execute_model"))
     GPUModelRunner.propose_draft_token_ids = _propose_draft_token_ids(
         _keep(GPUModelRunner, "propose_draft_token_ids"))

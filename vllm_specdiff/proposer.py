@@ -35,11 +35,7 @@ class SpecDiffProposer:
         self.target_vocab = vllm_config.model_config.get_vocab_size()
         self.max_model_len = vllm_config.model_config.max_model_len
         self.drafter: DiffusionDrafter | None = None
-        self.adaptive = AdaptiveGamma(
-            self.config.gamma,
-            enabled=self.config.adaptive,
-            max_num_seqs=vllm_config.scheduler_config.max_num_seqs,
-        )
+        self.adaptive = AdaptiveGamma(self.config.gamma, enabled=self.config.adaptive)
         self._ngram = None
         self._last_probs: torch.Tensor | None = None
         self._draft_generators: dict[str, torch.Generator] = {}
@@ -147,7 +143,7 @@ class SpecDiffProposer:
 
     # -- helpers ---------------------------------------------------------------
 
-    def _probs_for_verifier(self, draft, rows, temps, num_rows) -> torch.Tensor:
+    def _probs_for_verifier(self, draft, rows, temps, num_rows) -> torch.Tensor | None:
         """[num_rows, gamma, V] q aligned with the runner's rows.
 
         Sampled requests whose q is not the left-to-right conditional (random or
@@ -155,6 +151,8 @@ class SpecDiffProposer:
         just accepting with p(x) instead of min(1, p(x)/q(x)).
         """
         probs = draft.probs
+        if probs is None:  # an all-greedy batch: the verifier compares argmaxes only
+            return None
         sampled = torch.tensor([t > 0 for t in temps], device=probs.device)
         point_mass = sampled & (draft.drafted_greedily | (not draft.exact))
         if bool(point_mass.any()):

@@ -44,13 +44,14 @@ def reveal_mask(
     step: int,
     steps: int,
     masked: torch.Tensor,
-    confidence: torch.Tensor,
+    confidence: torch.Tensor | None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Positions to reveal at `step` (0-based) of `steps`.
 
     masked:     bool [B, gamma], True where the position is still masked.
-    confidence: float [B, gamma], the drafter's probability of its proposal.
+    confidence: float [B, gamma], the drafter's (log-)probability of its proposal;
+                only read by ``confidence`` (may be None otherwise).
     Returns bool [B, gamma], a subset of `masked`; at the last step all of it.
     """
     if step == steps - 1:

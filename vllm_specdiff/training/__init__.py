@@ -1,0 +1,1 @@
+"""Training of target, MDLM drafter and AR drafter models (``specdiff-train``)."""

@@ -1,0 +1,155 @@
+"""MDLM's masked-diffusion objective in the drafting setting.
+
+Each training example looks exactly like one row of ``DiffusionDrafter._canvas``:
+a clean prefix of the last ``w`` tokens before a span (``w`` = the full window W
+or a random length in 1..W), then the span's gamma positions, right-aligned in a
+canvas of width W_batch + gamma. Left padding is filled with the mask token and
+hidden from attention; rotary positions start at 0 at the first prefix token.
+
+The span is partly masked, by one of two patterns:
+
+- left-to-right (share ``ltr_fraction``): the first k span tokens are revealed, the
+  rest masked, k ~ U{0..gamma-1}; this is what the default ``left_to_right``
+  schedule shows the model at its step k / group size. Loss: mean CE over masked.
+- MDLM random masking: t ~ U(0, 1), each span position masked with probability t
+  (at least one), loss sum CE / (t * gamma): MDLM's 1/t-weighted ELBO.
+
+SUBS: the mask token's logit is -inf, so it is never predicted. Loss only on masked
+positions. An optional KL term pulls the drafter towards the target's next-token
+distribution at the masked positions (teacher on the same clean canvas).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+T_MIN = 0.02  # keeps 1/t bounded
+
+
+@dataclass
+class DraftingBatch:
+    canvas: torch.Tensor  # [B, W+g] noisy canvas (mask in padding and masked span slots)
+    clean: torch.Tensor  # [B, W+g] the same with the clean span (padding still mask id)
+    positions: torch.Tensor  # [B, W+g]
+    key_mask: torch.Tensor | None  # [B, W+g] True = real token; None when no padding
+    targets: torch.Tensor  # [B, g] clean span tokens
+    masked: torch.Tensor  # [B, g] bool
+    weights: torch.Tensor  # [B, g] per-position loss weight (0 where not masked)
+    gamma: int
+
+
+class DraftingBatcher:
+    """Samples drafting-setting examples from distillation sequences."""
+
+    def __init__(self, sequences, gen_start, mask_id, window, gammas, ltr_fraction=0.75,
+                 full_window_fraction=0.5):
+        self.seqs = [torch.as_tensor(s, dtype=torch.long) for s in sequences]
+        self.gen_start = list(gen_start)
+        self.mask_id = mask_id
+        self.window = window
+        self.gammas = list(gammas)
+        self.ltr_fraction = ltr_fraction
+        self.full_window_fraction = full_window_fraction
+
+    def sample(self, batch_size: int, gen: torch.Generator, device="cpu") -> DraftingBatch:
+        g = self.gammas[int(torch.randint(len(self.gammas), (1,), generator=gen))]
+        rows = []
+        for _ in range(batch_size):
+            while True:
+                i = int(torch.randint(len(self.seqs), (1,), generator=gen))
+                seq = self.seqs[i]
+                lo = max(1, self.gen_start[i])  # span inside the target's continuation
+                hi = len(seq) - g
+                if hi >= lo:
+                    break
+            s = int(torch.randint(lo, hi + 1, (1,), generator=gen))
+            max_w = min(self.window, s)
+            if float(torch.rand(1, generator=gen)) < self.full_window_fraction:
+                w = max_w
+            else:
+                w = int(torch.randint(1, max_w + 1, (1,), generator=gen))
+            rows.append((seq[s - w : s], seq[s : s + g]))
+        width_prefix = max(len(p) for p, _ in rows)
+        width = width_prefix + g
+        B = batch_size
+        clean = torch.full((B, width), self.mask_id, dtype=torch.long)
+        pad = torch.tensor([width_prefix - len(p) for p, _ in rows])
+        for r, (p, span) in enumerate(rows):
+            clean[r, pad[r] : width_prefix] = p
+            clean[r, width_prefix:] = span
+        targets = clean[:, width_prefix:].clone()
+
+        ltr = torch.rand(B, generator=gen) < self.ltr_fraction
+        k = torch.randint(0, g, (B,), generator=gen)
+        cols = torch.arange(g)
+        masked_ltr = cols[None, :] >= k[:, None]
+        t = torch.rand(B, generator=gen) * (1 - T_MIN) + T_MIN
+        masked_rand = torch.rand(B, g, generator=gen) < t[:, None]
+        # at least one masked position per random row
+        force = torch.randint(0, g, (B,), generator=gen)
+        masked_rand[torch.arange(B), force] = True
+        masked = torch.where(ltr[:, None], masked_ltr, masked_rand)
+        w_ltr = masked_ltr.float() / masked_ltr.sum(1, keepdim=True).float()
+        w_rand = masked_rand.float() / (t[:, None] * g)
+        weights = torch.where(ltr[:, None], w_ltr, w_rand)
+
+        canvas = clean.clone()
+        canvas[:, width_prefix:] = torch.where(masked, self.mask_id, targets)
+        all_cols = torch.arange(width)
+        positions = (all_cols[None, :] - pad[:, None]).clamp_(min=0)
+        key_mask = (all_cols[None, :] >= pad[:, None]) if bool((pad > 0).any()) else None
+        to = lambda x: None if x is None else x.to(device)  # noqa: E731
+        return DraftingBatch(to(canvas), to(clean), to(positions), to(key_mask), to(targets),
+                             to(masked), to(weights), g)
+
+
+def subs_logits(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """SUBS: the mask token is never predicted."""
+    logits = logits.float().clone()
+    logits[..., mask_id] = float("-inf")
+    return logits
+
+
+def teacher_logits(teacher, batch: DraftingBatch) -> torch.Tensor:
+    """The target's next-token logits for every span position, computed on the clean
+    canvas (prefix + span), left padding masked, positions from 0 at the prefix."""
+    g = batch.gamma
+    ids = batch.clean.clone()
+    vocab = teacher.get_input_embeddings().weight.shape[0]
+    ids[ids >= vocab] = 0  # padding slots (never attended to)
+    attn = batch.key_mask.long() if batch.key_mask is not None else torch.ones_like(ids)
+    with torch.no_grad():
+        out = teacher(input_ids=ids, attention_mask=attn, position_ids=batch.positions)
+    # logits at column c predict column c+1: span position j <- column W + j - 1
+    return out.logits[:, -g - 1 : -1].float()
+
+
+def mdlm_drafting_loss(model, batch: DraftingBatch, teacher=None, kl_weight: float = 0.0):
+    mask_id = model.config.mask_token_id
+    logits = model(batch.canvas, positions=batch.positions, key_padding_mask=batch.key_mask,
+                   num_last=batch.gamma)
+    logits = subs_logits(logits, mask_id)
+    logp = torch.log_softmax(logits, -1)
+    nll = -logp.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1)
+    nll = torch.where(batch.masked, nll, torch.zeros_like(nll))
+    B = batch.targets.shape[0]
+    loss = (nll * batch.weights).sum() / B
+    with torch.no_grad():
+        acc = ((logits.argmax(-1) == batch.targets) & batch.masked).sum() / batch.masked.sum()
+        # accuracy of the first masked position in each row (what greedy LTR drafting hinges on)
+        first = batch.masked.float().argmax(1)
+        rows = torch.arange(B, device=first.device)
+        acc_first = (logits.argmax(-1)[rows, first] == batch.targets[rows, first]).float().mean()
+    info = {"acc": float(acc), "acc_first": float(acc_first)}
+    if teacher is not None and kl_weight > 0:
+        t_logp = torch.log_softmax(teacher_logits(teacher, batch), -1)
+        V = t_logp.shape[-1]
+        q_logp = logp[..., :V]
+        kl = (t_logp.exp() * (t_logp - q_logp.clamp(min=-1e4))).sum(-1)
+        kl = (kl * batch.masked).sum() / batch.masked.sum().clamp(min=1)
+        loss = loss + kl_weight * kl
+        info["kl"] = float(kl.detach())
+    return loss, info

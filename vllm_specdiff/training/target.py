@@ -1,0 +1,128 @@
+"""``specdiff-train target``: a small GPT-2 causal LM (transformers GPT2LMHeadModel,
+which vLLM loads natively) trained on a text corpus."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from vllm_specdiff.training import common
+from vllm_specdiff.training.data import random_windows, read_stories, token_stream
+
+
+def gpt2_config(vocab_size, n_layer, n_embd, n_head, n_positions, eos_id, dropout=0.0):
+    from transformers import GPT2Config
+
+    return GPT2Config(
+        vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+        n_head=n_head, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+        bos_token_id=eos_id, eos_token_id=eos_id, tie_word_embeddings=True,
+    )
+
+
+def save_causal_lm(model, tokenizer, out, dtype: str, extra_card: dict | None = None) -> None:
+    from transformers import GenerationConfig
+
+    from vllm_specdiff.training.tokenizer import save_tokenizer
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    to_save = model.to(getattr(torch, dtype)) if dtype != "float32" else model
+    to_save.config.dtype = dtype
+    to_save.save_pretrained(out, safe_serialization=True)
+    GenerationConfig(bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                     pad_token_id=tokenizer.eos_token_id).save_pretrained(out)
+    save_tokenizer(tokenizer, str(out))
+    if extra_card:
+        (out / "training_summary.json").write_text(json.dumps(extra_card, indent=2) + "\n")
+    model.float()
+
+
+@torch.no_grad()
+def perplexity(model, stream: torch.Tensor, block: int, device, max_tokens: int = 100_000,
+               batch: int = 8) -> float:
+    """exp(mean NLL) over non-overlapping blocks of the stream (first max_tokens)."""
+    model.eval()
+    stream = stream[: max_tokens + 1]
+    n = (len(stream) - 1) // block
+    xs = stream[: n * block].view(n, block)
+    ys = stream[1 : n * block + 1].view(n, block)
+    total, count = 0.0, 0
+    for i in range(0, n, batch):
+        x, y = xs[i : i + batch].to(device), ys[i : i + batch].to(device)
+        logits = model(input_ids=x).logits.float()
+        total += float(torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"))
+        count += y.numel()
+    return math.exp(total / count)
+
+
+def add_args(p) -> None:
+    common.add_common_args(p)
+    p.add_argument("--corpus", required=True, help="training text (stories split on <|endoftext|>)")
+    p.add_argument("--valid", default=None, help="held-out text for perplexity")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer folder (default: train a byte-level BPE on --corpus)")
+    p.add_argument("--vocab-size", type=int, default=4096, help="BPE size when training one")
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-embd", type=int, default=256)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--n-positions", type=int, default=512)
+    p.add_argument("--block-size", type=int, default=256, help="training sequence length")
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(batch_size=16)
+
+
+def run(args) -> dict:
+    from transformers import GPT2LMHeadModel
+
+    from vllm_specdiff.training.tokenizer import load_tokenizer, train_tokenizer
+
+    common.set_threads(args.threads)
+    common.seed_everything(args.seed)
+    device = common.pick_device(args.device)
+    if args.tokenizer:
+        tok = load_tokenizer(args.tokenizer)
+    else:
+        tok = train_tokenizer(args.corpus, str(Path(args.out) / "tokenizer_tmp"),
+                              vocab_size=args.vocab_size, model_max_length=args.n_positions)
+    tok.model_max_length = args.n_positions
+    stream = token_stream(tok, read_stories(args.corpus))
+    print(f"[target] corpus {args.corpus}: {len(stream)} tokens, vocab {len(tok)}")
+    cfg = gpt2_config(len(tok), args.n_layer, args.n_embd, args.n_head, args.n_positions,
+                      tok.eos_token_id, args.dropout)
+    model = GPT2LMHeadModel(cfg).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"[target] GPT-2 {args.n_layer}x{args.n_embd}: {n_params / 1e6:.2f} M parameters")
+    gen = torch.Generator().manual_seed(args.seed)
+
+    def loss_fn(step, g):
+        w = random_windows(stream, args.batch_size, args.block_size + 1, g).to(device)
+        out = model(input_ids=w[:, :-1], labels=None)
+        logits = out.logits.float()
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1))
+        return loss, {}
+
+    summary = common.train_loop(args, model, loss_fn, gen, "target")
+    if summary["interrupted"]:
+        return summary
+    summary["parameters"] = n_params
+    if args.valid:
+        vstream = token_stream(tok, read_stories(args.valid))
+        summary["valid_ppl"] = perplexity(model, vstream, args.block_size, device)
+        summary["valid_tokens"] = min(len(vstream) - 1, 100_000)
+        print(f"[target] held-out perplexity {summary['valid_ppl']:.3f}")
+    summary["train_ppl_last"] = math.exp(summary["loss"])
+    save_causal_lm(model, tok, args.out, args.save_dtype, extra_card=summary)
+    tmp = Path(args.out) / "tokenizer_tmp"
+    if tmp.exists():
+        for f in tmp.iterdir():
+            f.unlink()
+        tmp.rmdir()
+    common.finish_checkpoint(args)
+    return summary
