@@ -1,16 +1,19 @@
 """At temperature 1, specdiff's output distribution is exactly the target's.
 
 End to end through vLLM with the embedded trained pair: N samples of the first
-two generated tokens of one prompt. Token 1 comes from the prefill; token 2 is
-the first token drafts can touch (an accepted draft, or the residual draw after
-a rejection). The empirical joint distribution of (token 1, token 2) is tested
-against the target's exact p(t1) p(t2 | t1), computed with transformers, by a
-chi-square goodness-of-fit test.
+generated tokens of one prompt. Token 1 comes from the prefill; token 2 is the
+first token drafts can touch (an accepted draft at position 0, or the residual
+draw after a rejection); token 3 is draft position 1 when position 0 was
+accepted (drawn in the same left-to-right group as position 0, so it tests that
+the diffusion q is the right conditional). The empirical joint distributions of
+(t1, t2) and of (t1, t2, t3) are tested against the target's exact
+p(t1) p(t2 | t1) p(t3 | t1, t2), computed with transformers, by chi-square
+goodness-of-fit tests.
 
 Threshold: the test fails when the chi-square p-value is below ALPHA = 1e-3 (a
 correct sampler fails once in a thousand runs). The negative control hands the
-verifier a wrong q (the draft distribution at another temperature than the one
-the drafts were drawn from) and must be rejected at p < 1e-6.
+verifier a wrong q (the draft distribution sharpened to temperature 0.3 while
+the drafts are drawn at 1) and must be rejected with a margin: p < ALPHA / 100.
 """
 
 from __future__ import annotations
@@ -29,22 +32,27 @@ ALPHA = 1e-3
 MIN_EXPECTED = 5.0
 
 
-def exact_joint(prompt: str, first_tokens) -> dict[tuple[int, int], float]:
-    """p(t1) * p(t2 | t1) for every t1 in first_tokens and every t2."""
+def exact_joint(prompt: str, prefixes) -> dict[tuple[int, ...], float]:
+    """p(prefix) * p(next | prefix) for every observed prefix (tuples of generated
+    tokens, all of one length) and every next token."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(TARGET))
     model = AutoModelForCausalLM.from_pretrained(str(TARGET), dtype=torch.float32).eval()
     ids = tok(prompt, return_tensors="pt").input_ids
+    prefixes = sorted(prefixes)
+    k = len(prefixes[0])
+    suffix = torch.tensor(prefixes, dtype=torch.long).reshape(len(prefixes), k)
     with torch.no_grad():
-        p1 = torch.softmax(model(ids).logits[0, -1].double(), -1)
-        firsts = sorted(first_tokens)
-        batch = torch.cat([ids.repeat(len(firsts), 1), torch.tensor(firsts)[:, None]], dim=1)
-        p2 = torch.softmax(model(batch).logits[:, -1].double(), -1)
+        batch = torch.cat([ids.repeat(len(prefixes), 1), suffix], dim=1)
+        logp = torch.log_softmax(model(batch).logits.double(), -1)
+    n = ids.shape[1]  # logits row n - 1 + j predicts generated token j
     joint = {}
-    for row, t1 in enumerate(firsts):
-        for t2 in torch.nonzero(p2[row] > 1e-12).flatten().tolist():
-            joint[(t1, t2)] = float(p1[t1] * p2[row, t2])
+    for row, prefix in enumerate(prefixes):
+        logp_prefix = sum(float(logp[row, n - 1 + j, t]) for j, t in enumerate(prefix))
+        nxt = torch.exp(logp[row, n - 1 + k] + logp_prefix)
+        for t in torch.nonzero(nxt > 1e-12).flatten().tolist():
+            joint[(*prefix, t)] = float(nxt[t])
     return joint
 
 
@@ -82,42 +90,54 @@ def llm():
     close_engine(engine)
 
 
-def sample_pairs(llm, n=NUM_SAMPLES) -> collections.Counter:
+def sample(llm, n=NUM_SAMPLES) -> list[tuple[int, ...]]:
+    """First three generated tokens of n samples. max_tokens=4 leaves room for two
+    drafts after token 1, so draft positions 0 and 1 are both verified."""
     from vllm import SamplingParams
 
-    params = SamplingParams(temperature=1.0, max_tokens=2, ignore_eos=True)
+    params = SamplingParams(temperature=1.0, max_tokens=4, ignore_eos=True)
     outs = llm.generate([PROMPT] * n, params, use_tqdm=False)
-    return collections.Counter(tuple(o.outputs[0].token_ids[:2]) for o in outs)
+    return [tuple(o.outputs[0].token_ids[:3]) for o in outs]
 
 
-def test_second_token_distribution_is_exactly_the_targets(llm):
+def pvalues(samples) -> list[tuple[float, int]]:
+    """Chi-square p-value and degrees of freedom for (t1, t2) and (t1, t2, t3)."""
+    out = []
+    for depth in (2, 3):
+        counts = collections.Counter(s[:depth] for s in samples)
+        probs = exact_joint(PROMPT, {c[:-1] for c in counts})
+        out.append(chi_square_pvalue(counts, probs, len(samples)))
+    return out
+
+
+def test_token_distribution_is_exactly_the_targets(llm):
     from vllm_specdiff.metrics import from_metrics
 
     before = from_metrics(llm.get_metrics())
-    counts = sample_pairs(llm)
+    samples = sample(llm)
     stats = from_metrics(llm.get_metrics()) - before
-    probs = exact_joint(PROMPT, {t1 for t1, _ in counts})
-    pvalue, dof = chi_square_pvalue(counts, probs, NUM_SAMPLES)
-    print(f"chi-square p={pvalue:.3g} dof={dof}; {stats.summary()}")
-    assert dof >= 10, "too few cells: the test would not be sensitive"
+    results = pvalues(samples)
+    print(f"chi-square (t1,t2) p={results[0][0]:.3g} dof={results[0][1]}; "
+          f"(t1,t2,t3) p={results[1][0]:.3g} dof={results[1][1]}; {stats.summary()}")
     assert stats.accepted_tokens > 0.1 * NUM_SAMPLES, "drafts must be accepted often for the test to mean something"
-    assert pvalue > ALPHA
+    assert stats.accepted_per_position[1] > 0.05 * NUM_SAMPLES, "draft position 1 must be exercised"
+    for pvalue, dof in results:
+        assert dof >= 10, "too few cells: the test would not be sensitive"
+        assert pvalue > ALPHA
 
 
 def test_wrong_draft_probabilities_are_detected(llm, monkeypatch):
-    """Negative control: q reported at temperature 0.5 while drafts are drawn at 1."""
+    """Negative control: q reported at temperature 0.3 while drafts are drawn at 1."""
     from vllm_specdiff.drafter import DiffusionDrafter
 
     original = DiffusionDrafter.draft
 
     def draft_with_wrong_q(self, *args, **kwargs):
         draft = original(self, *args, **kwargs)
-        draft.probs = torch.softmax(torch.log(draft.probs.clamp_min(1e-30)) / 0.5, dim=-1)
+        draft.probs = torch.softmax(torch.log(draft.probs.clamp_min(1e-30)) / 0.3, dim=-1)
         return draft
 
     monkeypatch.setattr(DiffusionDrafter, "draft", draft_with_wrong_q)
-    counts = sample_pairs(llm)
-    probs = exact_joint(PROMPT, {t1 for t1, _ in counts})
-    pvalue, dof = chi_square_pvalue(counts, probs, NUM_SAMPLES)
-    print(f"wrong q: chi-square p={pvalue:.3g} dof={dof}")
-    assert pvalue < 1e-6
+    (pvalue, dof), _ = pvalues(sample(llm))
+    print(f"wrong q: (t1,t2) chi-square p={pvalue:.3g} dof={dof}")
+    assert pvalue < ALPHA / 100

@@ -39,6 +39,7 @@ import json
 import logging
 import sys
 import time
+import types
 from typing import Any, Callable
 
 from vllm_specdiff.config import METHOD, SpecDiffConfig, SpecDiffConfigError
@@ -188,7 +189,7 @@ def _propose_draft_token_ids(original):
 
 def _rebind_kernels_tolerant(overrides) -> None:
     """vLLM 0.32's ``_rebind_kernels`` with one guard: an attribute whose
-    ``__dict__`` is not a dict (llvmlite's lazy library wrapper) is skipped."""
+    ``__dict__`` is not a mapping (llvmlite's lazy library wrapper) is skipped."""
     originals = {original: wrapper for original, wrapper in overrides}
 
     def lookup(value):
@@ -206,11 +207,10 @@ def _rebind_kernels_tolerant(overrides) -> None:
             if wrapper is not None:
                 setattr(module, attr, wrapper)
                 continue
-            try:
-                instance_dict = object.__getattribute__(value, "__dict__")
-            except AttributeError:
+            if not hasattr(value, "__dict__"):
                 continue
-            if not isinstance(instance_dict, dict):
+            instance_dict = vars(value)
+            if not isinstance(instance_dict, (dict, types.MappingProxyType)):
                 continue
             wrapper = lookup(instance_dict.get("kernel"))
             if wrapper is None:

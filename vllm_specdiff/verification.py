@@ -6,9 +6,13 @@ tokens from vLLM's own sampler, so every sampling option and per-request seed
 behaves as without speculation; penalties, bad words, min-tokens, temperature,
 top-k and top-p on the target rows; logprobs), and replaces the verification
 itself with ``vllm_specdiff.kernels.fused_verify.verify``: the fused Triton
-kernel on CUDA, its PyTorch reference elsewhere. vLLM 0.32's CPU path for
-probabilistic verification gave a wrong token distribution in our checks, so it
-is not used.
+kernel on CUDA, its PyTorch reference elsewhere.
+
+vLLM 0.32's CPU path for probabilistic verification gives a wrong token
+distribution: its C++ stand-in for the Triton ``expand_kernel`` casts float
+outputs to an int64 copy, so the per-token temperature (and top-k / top-p) it
+should expand stays uninitialised memory. ``apply_sampling_constraints`` below
+expands them with plain torch instead.
 """
 
 from __future__ import annotations
@@ -17,10 +21,10 @@ from dataclasses import replace
 
 import torch
 from vllm.v1.outputs import SamplerOutput
+from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
 from vllm.v1.sample.rejection_sampler import (
     GREEDY_TEMPERATURE,
     RejectionSampler,
-    apply_sampling_constraints,
     generate_uniform_probs,
 )
 
@@ -36,6 +40,23 @@ def per_request_uniforms(batch: int, generators: dict[int, torch.Generator],
         if i < batch:
             u[i : i + 1].uniform_(generator=g)
     return u
+
+
+def apply_sampling_constraints(logits: torch.Tensor, num_draft_tokens: list[int],
+                               sampling_metadata) -> torch.Tensor:
+    """Temperature, then top-k / top-p, on the draft rows (in place), each row with
+    its request's settings; greedy rows keep their logits (temperature 1)."""
+    if sampling_metadata.all_greedy:
+        return logits
+    counts = torch.tensor(num_draft_tokens, device=logits.device)
+    per_row = lambda t: t.repeat_interleave(counts, output_size=logits.shape[0])  # noqa: E731
+    temperature = per_row(sampling_metadata.temperature)
+    temperature = torch.where(temperature == GREEDY_TEMPERATURE,
+                              torch.ones_like(temperature), temperature)
+    logits.div_(temperature.unsqueeze(-1).to(logits.dtype))
+    top_k = None if sampling_metadata.top_k is None else per_row(sampling_metadata.top_k)
+    top_p = None if sampling_metadata.top_p is None else per_row(sampling_metadata.top_p)
+    return apply_top_k_top_p(logits, top_k, top_p)
 
 
 class SpecDiffRejectionSampler(RejectionSampler):
@@ -57,7 +78,7 @@ class SpecDiffRejectionSampler(RejectionSampler):
             target_logits = target_logits.clone()
         target_logits = self.apply_logits_processors(target_logits, sampling_metadata, metadata)
         target_logits = apply_sampling_constraints(
-            target_logits, metadata.cu_num_draft_tokens, sampling_metadata
+            target_logits, metadata.num_draft_tokens, sampling_metadata
         )
 
         output_token_ids, num_accepted = self._verify(
