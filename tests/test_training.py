@@ -1,0 +1,161 @@
+"""Fast tests of ``specdiff-train`` on tiny sizes (CPU, seconds each)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vllm_specdiff.training.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT / "data" / "tinystories" / "tinystories_v1_train_head_2MiB.txt"
+
+TINY_TARGET = ["--vocab-size", "300", "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
+               "--n-positions", "64", "--block-size", "32", "--batch-size", "4",
+               "--warmup-steps", "2", "--device", "cpu", "--threads", "2", "--no-progress"]
+TINY_DISTILL = ["--prompts", None, "--generator", "transformers", "--num-sequences", "8",
+                "--new-tokens", "20", "--prompt-min", "2", "--prompt-max", "6",
+                "--gen-batch-size", "8", "--batch-size", "4", "--warmup-steps", "2",
+                "--device", "cpu", "--threads", "2", "--no-progress"]
+TINY_MDLM = ["--hidden-dim", "32", "--n-blocks", "1", "--n-heads", "2", "--cond-dim", "16",
+             "--model-length", "64", "--context-window", "12", "--gammas", "4,6"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    text = CORPUS.read_text(encoding="utf-8")
+    stories = text.split("<|endoftext|>")[:60]
+    path = tmp_path_factory.mktemp("corpus") / "stories.txt"
+    path.write_text("<|endoftext|>".join(stories), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory, corpus) -> Path:
+    out = tmp_path_factory.mktemp("target") / "tiny-target"
+    assert main(["target", "--corpus", str(corpus), "--out", str(out), "--max-steps", "3",
+                 *TINY_TARGET]) == 0
+    return out
+
+
+def distill_args(corpus, target, out, *extra):
+    args = [a if a is not None else str(corpus) for a in TINY_DISTILL]
+    return ["--target", str(target), "--out", str(out), *args, *extra]
+
+
+def test_target_loads_with_transformers(target):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+                 "tokenizer_config.json", "special_tokens_map.json"):
+        assert (target / name).is_file(), name
+    assert not (target / "checkpoint").exists()
+    model = AutoModelForCausalLM.from_pretrained(target)
+    tok = AutoTokenizer.from_pretrained(target)
+    assert model.config.model_type == "gpt2"
+    assert model.config.vocab_size == len(tok) == 300
+    assert tok.eos_token == tok.bos_token == "<|endoftext|>"
+    assert tok.model_max_length == 64
+    ids = tok("Once upon a time", return_tensors="pt").input_ids
+    assert model(ids).logits.shape == (1, ids.shape[1], 300)
+    assert tok.decode(ids[0]) == "Once upon a time"
+
+
+def test_tokenizer_subcommand(tmp_path, corpus):
+    from transformers import AutoTokenizer
+
+    assert main(["tokenizer", "--corpus", str(corpus), "--out", str(tmp_path / "tok"),
+                 "--vocab-size", "280", "--model-max-length", "128"]) == 0
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert len(tok) == 280 and tok.model_max_length == 128
+    assert tok.eos_token_id == 0
+
+
+def test_drafter_writes_mdlm_layout(tmp_path, corpus, target):
+    from vllm_specdiff.drafter import DiffusionDrafter
+    from vllm_specdiff.loader import load_mdlm
+
+    out = tmp_path / "tiny-mdlm"
+    assert main(["drafter", *distill_args(corpus, target, out, "--max-steps", "3",
+                                          "--kl-weight", "0.5"), *TINY_MDLM]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "mdlm"
+    assert config["vocab_size"] == 301  # target vocabulary + the mask token
+    assert config["context_window"] == 12
+    assert (out / "tokenizer.json").is_file()
+    assert all(k.startswith("backbone.") for k in load_file(out / "model.safetensors"))
+    model = load_mdlm(out)
+    assert model.config.mask_token_id == 300
+    draft = DiffusionDrafter(model, 2, "left_to_right", 12).draft([[5, 6, 7], [8]], 4)
+    assert draft.tokens.shape == (2, 4) and int(draft.tokens.max()) < 300
+
+
+def test_ar_drafter_matches_mdlm_size(tmp_path, corpus, target):
+    from transformers import AutoModelForCausalLM
+
+    mdlm = tmp_path / "mdlm"
+    data = tmp_path / "distill.pt"
+    assert main(["drafter", *distill_args(corpus, target, mdlm, "--max-steps", "1",
+                                          "--distill-data", str(data)), *TINY_MDLM]) == 0
+    out = tmp_path / "ar"
+    assert main(["ar-drafter", *distill_args(corpus, target, out, "--max-steps", "2",
+                                             "--distill-data", str(data)),
+                 "--mdlm", str(mdlm), "--n-embd", "32", "--n-head", "2",
+                 "--n-positions", "64", "--seq-len", "32"]) == 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.vocab_size == 300
+
+
+def _weights(folder) -> dict[str, torch.Tensor]:
+    return load_file(Path(folder) / "model.safetensors")
+
+
+def _same(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_continues_from_checkpoint(tmp_path, corpus, target, capsys):
+    data = tmp_path / "distill.pt"
+    full = tmp_path / "full"
+    assert main(["drafter", *distill_args(corpus, target, full, "--max-steps", "6",
+                                          "--distill-data", str(data)), *TINY_MDLM]) == 0
+    part = tmp_path / "part"
+    common = [*distill_args(corpus, target, part, "--max-steps", "6", "--distill-data",
+                            str(data), "--checkpoint-every", "100"), *TINY_MDLM]
+    # interrupted after 4 steps: a checkpoint, no model yet
+    assert main(["drafter", *common, "--stop-after-steps", "4"]) == 0
+    state = torch.load(part / "checkpoint" / "state.pt", weights_only=False)
+    assert state["step"] == 4
+    assert not (part / "model.safetensors").exists()
+    capsys.readouterr()
+    assert main(["drafter", *common, "--resume"]) == 0
+    assert "at step 4/6" in capsys.readouterr().out
+    summary = json.loads((part / "training_summary.json").read_text())
+    assert summary["step"] == 6
+    # 4 steps + resume for 2 gives exactly the weights of 6 uninterrupted steps
+    assert _same(_weights(full), _weights(part))
+
+
+def test_resume_message(tmp_path, corpus, capsys):
+    out = tmp_path / "t"
+    args = ["target", "--corpus", str(corpus), "--out", str(out), "--max-steps", "4", *TINY_TARGET]
+    assert main([*args, "--stop-after-steps", "2"]) == 0
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 0
+    assert "at step 2/4" in capsys.readouterr().out
+    assert json.loads((out / "training_summary.json").read_text())["step"] == 4
+
+
+def test_same_seed_same_weights(tmp_path, corpus):
+    runs = {}
+    for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
+        out = tmp_path / name
+        assert main(["target", "--corpus", str(corpus), "--out", str(out), "--max-steps", "2",
+                     "--seed", seed, *TINY_TARGET]) == 0
+        runs[name] = _weights(out)
+    assert _same(runs["a"], runs["b"])
+    assert not _same(runs["a"], runs["c"])
