@@ -246,3 +246,25 @@ def test_adaptive_gamma_disabled_is_fixed():
     a = AdaptiveGamma(8, enabled=False)
     a.observe(num_accepted=0, num_rejections=10)
     assert a.next_gamma(batch=64) == 8
+
+
+# -- verifier glue -------------------------------------------------------------------
+
+def test_placeholder_drafts_end_the_walk_with_a_target_token():
+    """vLLM may pass -1 placeholder drafts; the walk stops there with the target's
+    own choice (argmax when greedy), as plain decoding would."""
+    from vllm_specdiff.kernels.fused_verify import verify
+    from vllm_specdiff.verification import _resample_at_invalid_drafts
+
+    torch.manual_seed(0)
+    rows = torch.randn(8, 20)
+    rows[0, 5] = 100.0  # request 0 accepts its first draft
+    ids = torch.tensor([5, -1, 7, 1, 2, 3])
+    cu, greedy = torch.tensor([0, 3, 6]), torch.tensor([True, True])
+    invalid = ids < 0
+    out, acc = verify(rows, torch.where(invalid, 0, ids), None, cu, greedy,
+                      torch.rand(6, dtype=torch.float64), torch.rand(2, dtype=torch.float64), 3,
+                      bonus_token_ids=torch.tensor([9, 9]))
+    _resample_at_invalid_drafts(out, acc, invalid, rows, cu, greedy,
+                                torch.rand(2, dtype=torch.float64))
+    assert out[0].tolist() == [5, int(rows[1].argmax()), -1, -1] and int(acc[0]) == 1

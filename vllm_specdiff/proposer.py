@@ -196,7 +196,8 @@ class SpecDiffProposer:
         return gens
 
     def _propose_ngram(self, rows, sampled, num_tokens_no_spec, token_ids_cpu, drafts, gamma):
-        only = [s if i in set(rows) else [] for i, s in enumerate(sampled)]
+        wanted = set(rows)
+        only = [s if i in wanted else [] for i, s in enumerate(sampled)]
         proposals = self._ngram.propose(gamma, only, num_tokens_no_spec, token_ids_cpu)
         for i in rows:
             drafts[i] = list(proposals[i])[:gamma]

@@ -59,6 +59,31 @@ def apply_sampling_constraints(logits: torch.Tensor, num_draft_tokens: list[int]
     return apply_top_k_top_p(logits, top_k, top_p)
 
 
+def _resample_at_invalid_drafts(output_token_ids, num_accepted, invalid, rows, cu,
+                                is_greedy, u_sample) -> None:
+    """vLLM can hand over placeholder drafts (-1, e.g. after a structured-output
+    check cut a draft). A walk that reaches one stops there with a token drawn
+    from the target's p at that position (argmax when greedy), exactly what
+    plain decoding would emit. The request's final-draw uniform is reused: the
+    walk's own final draw is discarded."""
+    for i in range(len(cu) - 1):
+        start, end = int(cu[i]), int(cu[i + 1])
+        bad = invalid[start:end].nonzero()
+        if len(bad) == 0 or int(num_accepted[i]) < int(bad[0]):
+            continue
+        j = int(bad[0])
+        logits = rows[start + i + j]
+        if bool(is_greedy[i]):
+            token = int(logits.argmax())
+        else:
+            cdf = torch.softmax(logits.double(), -1).cumsum(-1)
+            token = int(torch.searchsorted(cdf, u_sample[i].double() * cdf[-1], right=True)
+                        .clamp(max=len(cdf) - 1))
+        output_token_ids[i, j] = token
+        output_token_ids[i, j + 1:] = -1
+        num_accepted[i] = j
+
+
 class SpecDiffRejectionSampler(RejectionSampler):
     def __init__(self, sampler, spec_config, device, proposer=None):
         super().__init__(sampler, spec_config, device)
@@ -115,10 +140,18 @@ class SpecDiffRejectionSampler(RejectionSampler):
             u_accept = generate_uniform_probs(len(metadata.draft_token_ids), num_draft,
                                               sampling_metadata.generators, device)
             u_sample = per_request_uniforms(batch, sampling_metadata.generators, device)
+        draft_ids = metadata.draft_token_ids
+        invalid = (draft_ids < 0) | (draft_ids >= rows.shape[1])
+        has_invalid = bool(invalid.any())
+        if has_invalid:
+            draft_ids = torch.where(invalid, torch.zeros_like(draft_ids), draft_ids)
         output_token_ids, num_accepted = verify(
-            rows, metadata.draft_token_ids, draft_probs, cu, is_greedy, u_accept, u_sample,
+            rows, draft_ids, draft_probs, cu, is_greedy, u_accept, u_sample,
             metadata.max_spec_len, bonus_token_ids=bonus_token_ids,
         )
+        if has_invalid:
+            _resample_at_invalid_drafts(output_token_ids, num_accepted, invalid, rows, cu,
+                                        is_greedy, u_sample)
         if self.proposer is not None:
             drafted = torch.tensor(num_draft, device=num_accepted.device)
             rejections = int(((num_accepted < drafted) & (drafted > 0)).sum())

@@ -7,6 +7,10 @@ from pathlib import Path
 
 from vllm_specdiff.training.data import EOS_TEXT, read_stories
 
+# The story models have no chat tuning; this template lets /v1/chat/completions
+# serve them: each message's text on its own line, then the model continues.
+CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}\n{% endfor %}"
+
 
 def train_tokenizer(corpus: str, out: str, vocab_size: int = 4096,
                     model_max_length: int = 512, max_stories: int | None = None):
@@ -48,6 +52,7 @@ def save_tokenizer(tokenizer, out: str) -> None:
     cfg.setdefault("add_bos_token", False)
     cfg.setdefault("add_eos_token", False)
     cfg.setdefault("clean_up_tokenization_spaces", False)
+    cfg.setdefault("chat_template", CHAT_TEMPLATE)
     cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
     special = {k: EOS_TEXT for k in ("bos_token", "eos_token", "unk_token")}
     (Path(out) / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
