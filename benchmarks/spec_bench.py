@@ -18,7 +18,9 @@ output equals plain decoding token for token.
 
 The embedded models are TinyStories models: Spec-Bench prompts are far out of
 their domain, and prompts are cut to their last --prompt-tokens tokens to fit the
-target's 512-token context. Results: benchmarks/results/spec_bench.md and PNGs.
+target's 512-token context. A seventh category, ``tinystories``, holds the same
+number of held-out TinyStories openings: the domain the models were trained on.
+Results: benchmarks/results/spec_bench.md and PNGs.
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from vllm_specdiff.runtime import (EMBEDDED_AR_DRAFTER, EMBEDDED_DRAFTER,  # noqa: E402
-                                   EMBEDDED_TARGET, close_engine, cpu_engine_defaults,
-                                   reexec_with_intel_openmp)
+                                   EMBEDDED_TARGET, HELD_OUT_TEXT, close_engine,
+                                   cpu_engine_defaults, reexec_with_intel_openmp)
 
 SPEC_BENCH = ROOT / "data" / "spec_bench" / "question.jsonl"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -87,6 +89,10 @@ def load_prompts(tokenizer, per_category: int, prompt_tokens: int):
         ids = tokenizer(row["turns"][0], add_special_tokens=False)["input_ids"][-prompt_tokens:]
         picked.append((cat, ids))
         counts[cat] += 1
+    from vllm_specdiff.training.data import held_out_prompts
+
+    picked += [("tinystories", ids) for ids in
+               held_out_prompts(tokenizer, HELD_OUT_TEXT, n=per_category, prompt_tokens=32)]
     return picked
 
 
@@ -278,7 +284,7 @@ def main() -> None:
     args = p.parse_args()
     defaults = (dict(prompts_per_category=2, max_tokens=48, gammas=[8], steps=[2],
                      batches=[1, 32], temperatures=[0.0]) if args.quick else
-                dict(prompts_per_category=6, max_tokens=64, gammas=[4, 8, 16], steps=[1, 2, 4],
+                dict(prompts_per_category=4, max_tokens=48, gammas=[4, 8, 16], steps=[1, 2, 4],
                      batches=[1, 8, 32], temperatures=[0.0, 1.0]))
     for key, value in defaults.items():
         if getattr(args, key) is None:

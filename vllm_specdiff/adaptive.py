@@ -1,16 +1,14 @@
 """Gamma that adapts to load and acceptance, and stops drafting when it cannot pay.
 
-With a per-token acceptance rate a (observed, exponentially averaged), drafting k
-tokens yields on average E(k) = (1 - a^(k+1)) / (1 - a) tokens per target pass.
-A target step over n scheduled tokens takes t(n) = base + per_token * n (fitted
-online from measured steps); the drafter takes d seconds per proposal (measured).
-For a batch of b requests, relative to plain decoding:
-
-    speedup(k) = E(k) * t(b) / (t(b * (k + 1)) + d)
-
-Each step drafts the k in 0..gamma with the best predicted speedup; k = 0 means no
-drafting at all. While switched off, a probe step drafts now and then, so the
-estimates stay fresh and drafting resumes when it pays again.
+Whether drafting k tokens pays depends on the acceptance of this drafter on this
+traffic, on the batch size (verification is nearly free at batch 1 and costs real
+compute at batch 32) and on the machine. Rather than model all of that, each
+candidate k (``arms``: 0 = no drafting, 1, 2, 4, ..., gamma) is measured where it
+runs: goodput = tokens produced per second of the whole step cycle (drafting,
+target pass, verification, scheduling), an exponential average per batch-size
+bucket. Each step uses the best arm of its bucket; every arm is tried a few times
+first, and now and then another arm is re-measured, so the choice follows the
+traffic. Prompt (prefill) steps are not measured: their cost says nothing about k.
 """
 
 from __future__ import annotations
@@ -21,113 +19,82 @@ import time
 logger = logging.getLogger("vllm.specdiff")
 
 
-class LinearCostFit:
-    """Exponentially weighted least squares of seconds = base + per_token * tokens."""
+def arms_for(gamma: int) -> list[int]:
+    arms, k = {0, gamma}, 1
+    while k < gamma:
+        arms.add(k)
+        k *= 2
+    return sorted(arms)
 
-    def __init__(self, decay: float = 0.98):
-        self.decay = decay
-        self.sw = self.sn = self.st = self.snn = self.snt = 0.0
 
-    def add(self, tokens: float, seconds: float) -> None:
-        d = self.decay
-        self.sw = d * self.sw + 1.0
-        self.sn = d * self.sn + tokens
-        self.st = d * self.st + seconds
-        self.snn = d * self.snn + tokens * tokens
-        self.snt = d * self.snt + tokens * seconds
-
-    @property
-    def fitted(self) -> bool:
-        return self.sw >= 3.0
-
-    def coefficients(self) -> tuple[float, float]:
-        if self.sw == 0:
-            return 0.0, 0.0
-        mean_n, mean_t = self.sn / self.sw, self.st / self.sw
-        var_n = self.snn / self.sw - mean_n * mean_n
-        per_token = 0.0
-        if var_n > 1e-9 * max(1.0, mean_n * mean_n):
-            per_token = max(0.0, (self.snt / self.sw - mean_n * mean_t) / var_n)
-        base = max(mean_t - per_token * mean_n, 1e-6)
-        return base, per_token
-
-    def predict(self, tokens: float) -> float:
-        base, per_token = self.coefficients()
-        return base + per_token * tokens
+def bucket_of(batch: int) -> int:
+    """Batch sizes 1, 2, 3-4, 5-8, ... share a bucket."""
+    return max(0, (batch - 1).bit_length())
 
 
 class AdaptiveGamma:
-    def __init__(self, gamma: int, enabled: bool = True, prior_acceptance: float = 0.7,
-                 ema: float = 0.1, probe_every: int = 32, log_interval_s: float = 10.0):
+    def __init__(self, gamma: int, enabled: bool = True, ema: float = 0.2,
+                 warm_samples: int = 3, probe_every: int = 16, log_interval_s: float = 10.0):
         self.gamma = gamma
         self.enabled = enabled
-        self.acceptance = prior_acceptance
+        self.arms = arms_for(gamma)
         self.ema = ema
-        self.target_cost = LinearCostFit()
-        self.draft_seconds = 0.0
+        self.warm_samples = warm_samples
         self.probe_every = probe_every
         self.log_interval_s = log_interval_s
-        self._steps_off = 0
-        self._last_choice: int | None = None
+        # bucket -> arm -> [ema goodput (tokens/s), samples]
+        self.goodput: dict[int, dict[int, list[float]]] = {}
+        self.acceptance = 0.0  # per-token acceptance rate, for the logs
+        self._steps = 0
+        self._last_choice: dict[int, int] = {}
         self._last_log = 0.0
 
     # -- observations ------------------------------------------------------------
 
     def observe(self, num_accepted: int, num_rejections: int) -> None:
-        """One verification: accepted draft tokens, and requests that hit a rejection.
-        Each accepted token and each rejection is one accept test, so accepted /
-        (accepted + rejections) estimates the per-token rate without counting the
-        untested tokens after a rejection."""
+        """Accepted draft tokens and requests that hit a rejection in one verification
+        (accepted / (accepted + rejections) estimates the per-token rate)."""
         tests = num_accepted + num_rejections
         if tests > 0:
-            rate = min(num_accepted / tests, 0.999)
-            self.acceptance = (1 - self.ema) * self.acceptance + self.ema * rate
+            self.acceptance = 0.9 * self.acceptance + 0.1 * (num_accepted / tests)
 
-    def observe_target_step(self, num_tokens: int, seconds: float) -> None:
-        self.target_cost.add(num_tokens, seconds)
-
-    def observe_draft(self, seconds: float) -> None:
-        self.draft_seconds = (seconds if self.draft_seconds == 0.0
-                              else (1 - self.ema) * self.draft_seconds + self.ema * seconds)
+    def observe_step(self, batch: int, arm: int, tokens: int, seconds: float) -> None:
+        """A decode step cycle that verified drafts of length `arm`."""
+        if seconds <= 0 or arm not in self.arms:
+            return
+        stats = self.goodput.setdefault(bucket_of(batch), {}).setdefault(arm, [0.0, 0])
+        rate = tokens / seconds
+        if stats[1] and rate < stats[0] / 20:  # an idle gap, not a step: ignore
+            return
+        stats[0] = rate if stats[1] == 0 else (1 - self.ema) * stats[0] + self.ema * rate
+        stats[1] += 1
 
     # -- decision ------------------------------------------------------------------
-
-    def expected_tokens(self, k: int) -> float:
-        a = self.acceptance
-        return (1 - a ** (k + 1)) / (1 - a)
-
-    def predicted_speedup(self, k: int, batch: int) -> float:
-        if k == 0:
-            return 1.0
-        if not self.target_cost.fitted:
-            return self.expected_tokens(k)  # optimistic until there is data
-        plain = self.target_cost.predict(batch)
-        spec = self.target_cost.predict(batch * (k + 1)) + self.draft_seconds
-        return self.expected_tokens(k) * plain / spec
 
     def next_gamma(self, batch: int) -> int:
         if not self.enabled or batch == 0:
             return self.gamma
-        best = max(range(self.gamma + 1), key=lambda k: self.predicted_speedup(k, batch))
-        if best == 0:
-            self._steps_off += 1
-            if self._steps_off % self.probe_every == 0:
-                best = max(1, self.gamma // 2)  # probe: keep the estimates fresh
+        self._steps += 1
+        bucket = bucket_of(batch)
+        stats = self.goodput.get(bucket, {})
+        untried = [a for a in self.arms if stats.get(a, (0, 0))[1] < self.warm_samples]
+        if untried:
+            choice = untried[-1]  # largest first: most informative about acceptance
         else:
-            self._steps_off = 0
-        self._log(best, batch)
-        return best
+            ranked = sorted(self.arms, key=lambda a: stats[a][0], reverse=True)
+            choice = ranked[0]
+            if self._steps % self.probe_every == 0:  # re-measure the others in turn
+                others = ranked[1:]
+                choice = others[(self._steps // self.probe_every) % len(others)]
+        self._log(bucket, choice, batch, stats)
+        return choice
 
-    def _log(self, choice: int, batch: int) -> None:
-        # At most one line per interval: decisions can change every step.
+    def _log(self, bucket: int, choice: int, batch: int, stats) -> None:
         now = time.monotonic()
-        if choice != self._last_choice and now - self._last_log > self.log_interval_s:
-            base, per_token = self.target_cost.coefficients()
-            logger.info(
-                "specdiff adaptive: gamma %s -> %d at batch %d (acceptance %.2f, target step "
-                "%.2f ms + %.3f ms/token, drafter %.2f ms, predicted speedup %.2fx)%s",
-                self._last_choice, choice, batch, self.acceptance, base * 1e3, per_token * 1e3,
-                self.draft_seconds * 1e3, self.predicted_speedup(choice, batch),
-                " - drafting off" if choice == 0 else "")
-            self._last_choice = choice
+        if choice != self._last_choice.get(bucket) and now - self._last_log > self.log_interval_s:
+            rates = ", ".join(f"k={a}: {s[0]:.0f}" for a, s in sorted(stats.items()))
+            logger.info("specdiff adaptive: batch %d -> gamma %d%s (acceptance %.2f; "
+                        "measured tokens/s %s)", batch, choice,
+                        " (drafting off)" if choice == 0 else "", self.acceptance, rates)
             self._last_log = now
+        self._last_choice[bucket] = choice

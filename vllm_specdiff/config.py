@@ -35,10 +35,14 @@ class SpecDiffConfig:
     """T: denoising steps (drafter forward passes) per proposal, 1..gamma."""
     schedule: str = "left_to_right"
     """Which masked positions each step reveals: left_to_right | random | confidence."""
-    context_window: int = 64
-    """W: the drafter sees the last W context tokens (longer contexts are cut)."""
+    context_window: int = 16
+    """W: the drafter sees the last W context tokens (longer contexts are cut). Each
+    drafter pass costs W + gamma tokens; on the embedded pair W=16 accepts as well
+    as W=64 (benchmarks/results/acceptance_context_window.md). Long-context drafters
+    such as mdlm-owt want more."""
     drafter_dtype: str = "auto"
-    """auto (the target's dtype) | float32 | bfloat16 | float16."""
+    """auto (the target's; bfloat16 for float32 targets on bf16-capable hardware) |
+    float32 | bfloat16 | float16."""
     draft_temperature: float | None = None
     """None: draft at each request's own temperature (greedy requests draft argmax)."""
     adaptive: bool = True

@@ -44,6 +44,7 @@ class DiffusionDrafter:
     def __init__(self, model: MDLM, steps: int, schedule: str, context_window: int,
                  draft_temperature: float | None = None):
         self.model = model
+        model.backbone.freeze_conditioning()
         self.steps = steps
         self.schedule = schedule
         self.context_window = context_window

@@ -133,10 +133,13 @@ class DDiTBlock(nn.Module):
         self.dropout = cfg.dropout
         self.adaLN_modulation = nn.Linear(cfg.cond_dim, 6 * d)
 
-    def forward(self, x, c, cos, sin, attn_mask):
+    def modulation(self, c):
+        return self.adaLN_modulation(c)[:, None].chunk(6, dim=-1)
+
+    def forward(self, x, c, cos, sin, attn_mask, modulation=None):
         B, L, d = x.shape
         (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp) = (
-            self.adaLN_modulation(c)[:, None].chunk(6, dim=-1)
+            modulation if modulation is not None else self.modulation(c)
         )
         h = modulate(self.norm1(x), shift_msa, scale_msa)
         q, k, v = self.attn_qkv(h).view(B, L, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
@@ -158,8 +161,11 @@ class DDitFinalLayer(nn.Module):
         self.linear = nn.Linear(cfg.hidden_dim, cfg.vocab_size)
         self.adaLN_modulation = nn.Linear(cfg.cond_dim, 2 * cfg.hidden_dim)
 
-    def forward(self, x, c):
-        shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=-1)
+    def modulation(self, c):
+        return self.adaLN_modulation(c)[:, None].chunk(2, dim=-1)
+
+    def forward(self, x, c, modulation=None):
+        shift, scale = modulation if modulation is not None else self.modulation(c)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
@@ -172,23 +178,38 @@ class DITBackbone(nn.Module):
         self.rotary_emb = Rotary(cfg.hidden_dim // cfg.n_heads)
         self.blocks = nn.ModuleList(DDiTBlock(cfg) for _ in range(cfg.n_blocks))
         self.output_layer = DDitFinalLayer(cfg)
+        self.frozen_modulation = None  # see freeze_conditioning()
+
+    @torch.no_grad()
+    def freeze_conditioning(self) -> None:
+        """Without time conditioning, c and every adaLN output are constants:
+        compute them once for inference (call again after changing weights)."""
+        if self.config.time_conditioning:
+            return
+        p = self.output_layer.linear.weight
+        c = F.silu(self.sigma_map(torch.zeros(1, device=p.device)))
+        self.frozen_modulation = (c, [b.modulation(c) for b in self.blocks],
+                                  self.output_layer.modulation(c))
 
     def forward(self, ids, sigma, positions=None, key_padding_mask=None, num_last=None):
         B, L = ids.shape
         if positions is None:
             positions = torch.arange(L, device=ids.device).expand(B, L)
         x = self.vocab_embed(ids)
-        if not self.config.time_conditioning:
-            sigma = torch.zeros_like(sigma)
-        c = F.silu(self.sigma_map(sigma))
+        if self.frozen_modulation is not None and not self.training:
+            c, block_mods, final_mod = self.frozen_modulation
+        else:
+            if not self.config.time_conditioning:
+                sigma = torch.zeros_like(sigma)
+            c, block_mods, final_mod = F.silu(self.sigma_map(sigma)), [None] * len(self.blocks), None
         cos, sin = self.rotary_emb.cos_sin(positions)
         # key_padding_mask [B, L], True = real token; SDPA wants [B, 1, 1, L].
         attn_mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
-        for block in self.blocks:
-            x = block(x, c, cos, sin, attn_mask)
+        for block, mod in zip(self.blocks, block_mods):
+            x = block(x, c, cos, sin, attn_mask, mod)
         if num_last is not None:  # drafting only needs logits of the masked tail
             x = x[:, L - num_last :]
-        return self.output_layer(x, c)
+        return self.output_layer(x, c, final_mod)
 
 
 class MDLM(nn.Module):

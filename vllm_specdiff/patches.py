@@ -15,14 +15,12 @@ Engine arguments (front-end process):
 
 Model runner (worker process):
 4. ``GPUModelRunner.__init__``: swaps in ``SpecDiffRejectionSampler`` (our verifier).
-5. ``GPUModelRunner.execute_model``: notes when a step starts (adaptive gamma
-   learns the target's step cost from it).
-6. ``GPUModelRunner.propose_draft_token_ids``: calls our proposer with the batch's
+5. ``GPUModelRunner.propose_draft_token_ids``: calls our proposer with the batch's
    temperatures and seeds, and keeps its q for the verifier (vLLM discards draft
-   probabilities of custom proposers). The CPU runner inherits all three.
+   probabilities of custom proposers). The CPU runner inherits both.
 
 vLLM CPU platform (every process):
-7. ``vllm.triton_utils.dispatcher._rebind_kernels``: vLLM's scan of every module
+6. ``vllm.triton_utils.dispatcher._rebind_kernels``: vLLM's scan of every module
    for Triton kernels crashes once numba/llvmlite is imported (``llvmlite``'s
    library wrapper answers ``__dict__`` with a function wrapper), which happens
    as soon as an n-gram proposer (our warm-up drafting, or vLLM's ngram method)
@@ -38,7 +36,6 @@ import functools
 import json
 import logging
 import sys
-import time
 import types
 from typing import Any, Callable
 
@@ -136,7 +133,7 @@ def _create_speculative_config(original):
     return create_speculative_config
 
 
-# -- 4-6: model runner ----------------------------------------------------------
+# -- 4-5: model runner ----------------------------------------------------------
 
 def _runner_init(original):
     @functools.wraps(original)
@@ -151,12 +148,12 @@ def _runner_init(original):
     return __init__
 
 
-def _execute_model(original):
-    @functools.wraps(original)
-    def execute_model(self, *args, **kwargs):
-        self._specdiff_step_start = time.perf_counter()
-        return original(self, *args, **kwargs)
-    return execute_model
+def _is_pure_decode(scheduler_output) -> bool:
+    """No prompt tokens in the step: every request ran 1 token plus its drafts."""
+    spec = scheduler_output.scheduled_spec_decode_tokens
+    return not scheduler_output.scheduled_new_reqs and all(
+        n == 1 + len(spec.get(req_id, ()))
+        for req_id, n in scheduler_output.num_scheduled_tokens.items())
 
 
 def _propose_draft_token_ids(original):
@@ -165,10 +162,6 @@ def _propose_draft_token_ids(original):
         drafter = getattr(self, "drafter", None)
         if not isinstance(drafter, SpecDiffProposer):
             return original(self, scheduler_output, sampled_token_ids, *args, **kwargs)
-        started = getattr(self, "_specdiff_step_start", None)
-        if started is not None:
-            drafter.observe_target_step(scheduler_output.total_num_scheduled_tokens,
-                                        time.perf_counter() - started)
         self._draft_probs = None
         self._draft_prob_req_ids = None
         drafts = drafter.propose(
@@ -176,6 +169,7 @@ def _propose_draft_token_ids(original):
             self.input_batch.num_tokens_no_spec,
             self.input_batch.token_ids_cpu,
             input_batch=self.input_batch,
+            pure_decode=_is_pure_decode(scheduler_output),
         )
         probs = drafter.take_last_draft_probs()
         if probs is not None:
@@ -185,7 +179,7 @@ def _propose_draft_token_ids(original):
     return propose_draft_token_ids
 
 
-# -- 7: vLLM CPU kernel-override scan -----------------------------------------------
+# -- 6: vLLM CPU kernel-override scan -----------------------------------------------
 
 def _rebind_kernels_tolerant(overrides) -> None:
     """vLLM 0.32's ``_rebind_kernels`` with one guard: an attribute whose
@@ -240,7 +234,6 @@ def apply_patches() -> None:
 
     _keep(dispatcher, "_rebind_kernels")
     dispatcher._rebind_kernels = _rebind_kernels_tolerant
-    GPUModelRunner.execute_model = _execute_model(_keep(GPUModelRunner, "execute_model"))
     GPUModelRunner.propose_draft_token_ids = _propose_draft_token_ids(
         _keep(GPUModelRunner, "propose_draft_token_ids"))
     _applied = True

@@ -39,6 +39,7 @@ class SpecDiffProposer:
         self._ngram = None
         self._last_probs: torch.Tensor | None = None
         self._draft_generators: dict[str, torch.Generator] = {}
+        self._last_step: tuple[int, int, float] | None = None  # (gamma, batch, time)
         self.drafter_seconds = 0.0
         self.drafter_calls = 0
 
@@ -47,7 +48,8 @@ class SpecDiffProposer:
         from vllm.platforms import current_platform
 
         device = torch.device(current_platform.device_type)
-        dtype = (self.target_dtype if self.config.drafter_dtype == "auto"
+        dtype = (_auto_drafter_dtype(self.target_dtype, device)
+                 if self.config.drafter_dtype == "auto"
                  else torch_dtype(self.config.drafter_dtype))
         model = load_mdlm(self.config.drafter_path, device=device, dtype=dtype)
         self.drafter = DiffusionDrafter(
@@ -77,14 +79,21 @@ class SpecDiffProposer:
         token_ids_cpu: np.ndarray,
         slot_mappings=None,
         input_batch=None,
+        pure_decode: bool = False,
     ) -> list[list[int]]:
         """Draft tokens for each row of the batch (an empty list skips the row).
 
         Row i's context is ``token_ids_cpu[i, :num_tokens_no_spec[i]]``. With
         ``input_batch`` (passed by our runner patch) drafts follow each request's
         temperature and seed; without it every row drafts greedily and is verified
-        as a point mass, which is exact too.
+        as a point mass, which is exact too. ``pure_decode`` (no prompt tokens in
+        the step just run) lets adaptive gamma measure that step.
         """
+        now = time.perf_counter()
+        if self._last_step is not None and pure_decode:
+            gamma_used, batch_used, started = self._last_step
+            produced = sum(len(s) for s in sampled_token_ids)
+            self.adaptive.observe_step(batch_used, gamma_used, produced, now - started)
         assert self.drafter is not None, "load_model() was not called"
         num_rows = len(sampled_token_ids)
         drafts: list[list[int]] = [[] for _ in range(num_rows)]
@@ -104,6 +113,7 @@ class SpecDiffProposer:
             rows.append(i)
 
         gamma = self.adaptive.next_gamma(len(rows) + len(warmup_rows))
+        self._last_step = (gamma, len(rows) + len(warmup_rows), now)
         if warmup_rows and self._ngram is not None and gamma > 0:
             self._propose_ngram(warmup_rows, sampled_token_ids, num_tokens_no_spec,
                                 token_ids_cpu, drafts, gamma)
@@ -119,9 +129,7 @@ class SpecDiffProposer:
         contexts = [token_ids_cpu[i, : int(num_tokens_no_spec[i])] for i in rows]
         start = time.perf_counter()
         draft = self.drafter.draft(contexts, draft_len, temps, gens)
-        seconds = time.perf_counter() - start
-        self.adaptive.observe_draft(seconds)
-        self.drafter_seconds += seconds
+        self.drafter_seconds += time.perf_counter() - start
         self.drafter_calls += 1
 
         tokens = draft.tokens.tolist()
@@ -137,9 +145,6 @@ class SpecDiffProposer:
         """Fed by the verifier after each verification (adaptive gamma)."""
         self.adaptive.observe(num_accepted, num_rejections)
 
-    def observe_target_step(self, num_tokens: int, seconds: float) -> None:
-        """Fed by the runner patch: the target step that preceded this proposal."""
-        self.adaptive.observe_target_step(num_tokens, seconds)
 
     # -- helpers ---------------------------------------------------------------
 
@@ -201,6 +206,18 @@ class SpecDiffProposer:
         proposals = self._ngram.propose(gamma, only, num_tokens_no_spec, token_ids_cpu)
         for i in rows:
             drafts[i] = list(proposals[i])[:gamma]
+
+
+def _auto_drafter_dtype(target_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The target's dtype, except that a float32 target drafts in bfloat16 where the
+    hardware computes it fast (CUDA, or CPUs with AVX512-BF16/AMX): drafts only
+    need to be cheap and close; q is still exactly what each token was drawn from."""
+    if target_dtype != torch.float32:
+        return target_dtype
+    if device.type == "cuda":
+        return torch.bfloat16
+    fast_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    return torch.bfloat16 if device.type == "cpu" and fast_bf16 else torch.float32
 
 
 def _make_ngram_proposer(vllm_config):
