@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from vllm_specdiff.runtime import (EMBEDDED_AR_DRAFTER, EMBEDDED_DRAFTER,  # noqa: E402
                                    EMBEDDED_TARGET, HELD_OUT_TEXT, close_engine,
-                                   cpu_engine_defaults, reexec_with_intel_openmp)
+                                   cpu_engine_defaults, prepare_process)
 
 SPEC_BENCH = ROOT / "data" / "spec_bench" / "question.jsonl"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -290,10 +290,7 @@ def main() -> None:
         if getattr(args, key) is None:
             setattr(args, key, value)
 
-    reexec_with_intel_openmp()
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    prepare_process(quiet=True)
     from tqdm import tqdm
     from transformers import AutoTokenizer
 

@@ -14,7 +14,6 @@ Writes benchmarks/results/warmup.md.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from vllm_specdiff.runtime import (EMBEDDED_DRAFTER, EMBEDDED_TARGET, HELD_OUT_TEXT,  # noqa: E402
                                    close_engine, cpu_engine_defaults,
-                                   reexec_with_intel_openmp)
+                                   prepare_process)
 
 
 def run(prompts, params, spec):
@@ -56,10 +55,7 @@ def main() -> None:
     p.add_argument("--gamma", type=int, default=8)
     p.add_argument("--steps", type=int, default=2)
     args = p.parse_args()
-    reexec_with_intel_openmp()
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    prepare_process(quiet=True)
     from transformers import AutoTokenizer
     from vllm import SamplingParams, TokensPrompt
 

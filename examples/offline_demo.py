@@ -9,11 +9,10 @@ output tokens/s of both runs measured here, in this process.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 from vllm_specdiff.runtime import (EMBEDDED_TARGET, HELD_OUT_TEXT, close_engine,
-                                   cpu_engine_defaults, reexec_with_intel_openmp)
+                                   cpu_engine_defaults, prepare_process)
 
 
 def run(prompts, params, max_num_seqs, speculative_config=None):
@@ -47,9 +46,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     args = parser.parse_args()
 
-    reexec_with_intel_openmp()
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    prepare_process()
     from transformers import AutoTokenizer
     from vllm import SamplingParams
 

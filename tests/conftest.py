@@ -7,7 +7,6 @@ engines once (module-scoped fixtures) and closes them before the next module.
 
 from __future__ import annotations
 
-import gc
 import os
 from pathlib import Path
 
@@ -16,6 +15,8 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+
+from vllm_specdiff.runtime import close_engine  # noqa: E402,F401 (shared by the tests)
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
@@ -51,16 +52,6 @@ def engine_kwargs(**overrides):
                   disable_log_stats=False, gpu_memory_utilization=0.3)
     kwargs.update(overrides)
     return kwargs
-
-
-def close_engine(llm) -> None:
-    """Free an engine's KV-cache reservation before the next one starts."""
-    try:
-        llm.llm_engine.engine_core.shutdown()
-    except Exception:
-        pass
-    del llm
-    gc.collect()
 
 
 @pytest.fixture(scope="session")

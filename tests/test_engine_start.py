@@ -9,7 +9,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import DRAFTER, ROOT, TARGET, close_engine, engine_kwargs
+from conftest import DRAFTER, TARGET, close_engine, engine_kwargs
 
 from vllm_specdiff.loader import save_mdlm
 from vllm_specdiff.model import MDLM, MDLMConfig

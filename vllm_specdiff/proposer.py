@@ -40,16 +40,13 @@ class SpecDiffProposer:
         self._last_probs: torch.Tensor | None = None
         self._draft_generators: dict[str, torch.Generator] = {}
         self._last_step: tuple[int, int, float] | None = None  # (gamma, batch, time)
-        self.drafter_seconds = 0.0
-        self.drafter_calls = 0
 
     # vLLM calls this inside the model runner's load_model.
     def load_model(self, target_model=None) -> None:
         from vllm.platforms import current_platform
 
         device = torch.device(current_platform.device_type)
-        dtype = (_auto_drafter_dtype(self.target_dtype, device)
-                 if self.config.drafter_dtype == "auto"
+        dtype = (self.target_dtype if self.config.drafter_dtype == "auto"
                  else torch_dtype(self.config.drafter_dtype))
         model = load_mdlm(self.config.drafter_path, device=device, dtype=dtype)
         self.drafter = DiffusionDrafter(
@@ -105,7 +102,8 @@ class SpecDiffProposer:
             n = int(num_tokens_no_spec[i])
             if n >= self.max_model_len:
                 continue
-            if input_batch is not None and self.config.warmup_tokens:
+            if (input_batch is not None and self.config.warmup_tokens
+                    and self.config.warmup_method != "specdiff"):
                 generated = n - int(input_batch.num_prompt_tokens[i])
                 if generated < self.config.warmup_tokens:
                     warmup_rows.append(i)
@@ -127,10 +125,7 @@ class SpecDiffProposer:
 
         temps = self._temperatures(rows, input_batch)
         contexts = [token_ids_cpu[i, : int(num_tokens_no_spec[i])] for i in rows]
-        start = time.perf_counter()
         draft = self.drafter.draft(contexts, draft_len, temps, gens)
-        self.drafter_seconds += time.perf_counter() - start
-        self.drafter_calls += 1
 
         tokens = draft.tokens.tolist()
         for row, toks, is_seeded in zip(rows, tokens, seeded):
@@ -144,7 +139,6 @@ class SpecDiffProposer:
     def observe_acceptance(self, num_accepted: int, num_rejections: int) -> None:
         """Fed by the verifier after each verification (adaptive gamma)."""
         self.adaptive.observe(num_accepted, num_rejections)
-
 
     # -- helpers ---------------------------------------------------------------
 
@@ -206,18 +200,6 @@ class SpecDiffProposer:
         proposals = self._ngram.propose(gamma, only, num_tokens_no_spec, token_ids_cpu)
         for i in rows:
             drafts[i] = list(proposals[i])[:gamma]
-
-
-def _auto_drafter_dtype(target_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The target's dtype, except that a float32 target drafts in bfloat16 where the
-    hardware computes it fast (CUDA, or CPUs with AVX512-BF16/AMX): drafts only
-    need to be cheap and close; q is still exactly what each token was drawn from."""
-    if target_dtype != torch.float32:
-        return target_dtype
-    if device.type == "cuda":
-        return torch.bfloat16
-    fast_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-    return torch.bfloat16 if device.type == "cpu" and fast_bf16 else torch.float32
 
 
 def _make_ngram_proposer(vllm_config):

@@ -31,13 +31,14 @@ from vllm.v1.sample.rejection_sampler import (
 from vllm_specdiff.kernels.fused_verify import verify
 
 
-def per_request_uniforms(batch: int, generators: dict[int, torch.Generator],
+def per_request_uniforms(num_draft_tokens: list[int], generators: dict[int, torch.Generator],
                          device: torch.device) -> torch.Tensor:
-    """One u per request for the final (residual or bonus) draw; seeded requests
-    draw theirs from their own generator so their output is reproducible."""
-    u = torch.rand(batch, dtype=torch.float64, device=device)
+    """One u per request for the final (residual) draw; seeded requests draw theirs
+    from their own generator so their output is reproducible. Like vLLM, requests
+    without drafts consume nothing from their generator."""
+    u = torch.rand(len(num_draft_tokens), dtype=torch.float64, device=device)
     for i, g in generators.items():
-        if i < batch:
+        if i < len(num_draft_tokens) and num_draft_tokens[i] > 0:
             u[i : i + 1].uniform_(generator=g)
     return u
 
@@ -139,7 +140,7 @@ class SpecDiffRejectionSampler(RejectionSampler):
             is_greedy = sampling_metadata.temperature == GREEDY_TEMPERATURE
             u_accept = generate_uniform_probs(len(metadata.draft_token_ids), num_draft,
                                               sampling_metadata.generators, device)
-            u_sample = per_request_uniforms(batch, sampling_metadata.generators, device)
+            u_sample = per_request_uniforms(num_draft, sampling_metadata.generators, device)
         draft_ids = metadata.draft_token_ids
         invalid = (draft_ids < 0) | (draft_ids >= rows.shape[1])
         has_invalid = bool(invalid.any())

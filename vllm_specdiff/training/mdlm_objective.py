@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+
 
 T_MIN = 0.02  # keeps 1/t bounded
 
