@@ -220,12 +220,15 @@ def test_arms_cover_off_powers_of_two_and_gamma():
 
 
 def test_adaptive_gamma_settles_on_the_fastest_arm_per_batch_bucket():
-    a = AdaptiveGamma(8, probe_every=1000)
+    a = AdaptiveGamma(8, probe_every=4)
     fast_at_1 = {0: 400, 1: 500, 2: 600, 4: 700, 8: 900}
     fast_at_32 = {0: 700, 1: 760, 2: 720, 4: 600, 8: 450}
-    assert run_steps(a, 1, fast_at_1, 40)[-10:] == [8] * 10
-    assert run_steps(a, 32, fast_at_32, 40)[-10:] == [1] * 10
-    assert a.next_gamma(1) == 8  # buckets keep their own measurements
+    assert run_steps(a, 1, fast_at_1, 40)[-12:].count(8) >= 9
+    # a new bucket starts from its neighbour's best arm, then finds its own
+    at_32 = run_steps(a, 32, fast_at_32, 80)
+    assert at_32[:2] == [8, 8] and at_32[-12:].count(1) >= 9
+    assert a.next_gamma(1) in (8, 0, 1, 2, 4)
+    assert max(a.goodput[0], key=lambda k: a.goodput[0][k][0]) == 8  # kept per bucket
 
 
 def test_adaptive_gamma_stops_drafting_when_it_cannot_pay_and_probes_later():

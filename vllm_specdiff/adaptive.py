@@ -6,9 +6,10 @@ compute at batch 32) and on the machine. Rather than model all of that, each
 candidate k (``arms``: 0 = no drafting, 1, 2, 4, ..., gamma) is measured where it
 runs: goodput = tokens produced per second of the whole step cycle (drafting,
 target pass, verification, scheduling), an exponential average per batch-size
-bucket. Each step uses the best arm of its bucket; every arm is tried a few times
-first, and now and then another arm is re-measured, so the choice follows the
-traffic. Prompt (prefill) steps are not measured: their cost says nothing about k.
+bucket. A new bucket measures each arm briefly, starting next to the best arm of
+the nearest measured bucket; then each step uses the best arm of its bucket and now
+and then another arm is re-measured, so the choice follows the traffic. Prompt
+(prefill) steps are not measured: their cost says nothing about k.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def bucket_of(batch: int) -> int:
 
 class AdaptiveGamma:
     def __init__(self, gamma: int, enabled: bool = True, ema: float = 0.2,
-                 warm_samples: int = 3, probe_every: int = 16, log_interval_s: float = 10.0):
+                 warm_samples: int = 2, probe_every: int = 24, log_interval_s: float = 10.0):
         self.gamma = gamma
         self.enabled = enabled
         self.arms = arms_for(gamma)
@@ -77,17 +78,30 @@ class AdaptiveGamma:
         self._steps += 1
         bucket = bucket_of(batch)
         stats = self.goodput.get(bucket, {})
-        untried = [a for a in self.arms if stats.get(a, (0, 0))[1] < self.warm_samples]
+        measured = [a for a in self.arms if stats.get(a, (0.0, 0))[1] >= self.warm_samples]
+        untried = [a for a in self.arms if a not in measured]
+        probe = self._steps % self.probe_every == 0
         if untried:
-            choice = untried[-1]  # largest first: most informative about acceptance
+            # Measure every arm of a new bucket briefly, nearest to the best arm of
+            # the nearest measured bucket first (largest first when nothing is known).
+            anchor = self._nearest_best(bucket)
+            choice = min(untried, key=lambda a: (abs(self.arms.index(a) - self.arms.index(anchor)), -a))
         else:
-            ranked = sorted(self.arms, key=lambda a: stats[a][0], reverse=True)
+            ranked = sorted(measured, key=lambda a: stats[a][0], reverse=True)
             choice = ranked[0]
-            if self._steps % self.probe_every == 0:  # re-measure the others in turn
+            if probe:  # re-measure the other arms in turn
                 others = ranked[1:]
                 choice = others[(self._steps // self.probe_every) % len(others)]
         self._log(bucket, choice, batch, stats)
         return choice
+
+    def _nearest_best(self, bucket: int) -> int:
+        """Best measured arm of the nearest bucket that has measurements (else gamma)."""
+        for b in sorted(self.goodput, key=lambda b: abs(b - bucket)):
+            stats = {a: s for a, s in self.goodput[b].items() if s[1] >= self.warm_samples}
+            if stats:
+                return max(stats, key=lambda a: stats[a][0])
+        return self.gamma
 
     def _log(self, bucket: int, choice: int, batch: int, stats) -> None:
         now = time.monotonic()
