@@ -83,29 +83,30 @@ def llm():
     from vllm import LLM
 
     spec = {"method": "specdiff", "model": str(DRAFTER), "num_speculative_tokens": 4,
-            "diffusion_steps": 2, "schedule": "left_to_right", "adaptive": False}
+            "diffusion_steps": 2, "schedule": "left_to_right", "adaptive": False,
+            "warmup_tokens": 0}  # every draft from the MDLM, whose q is under test
     engine = LLM(model=str(TARGET), speculative_config=spec,
                  **engine_kwargs(max_num_seqs=256, enable_prefix_caching=True))
     yield engine
     close_engine(engine)
 
 
-def sample(llm, n=NUM_SAMPLES) -> list[tuple[int, ...]]:
+def sample(llm, n=NUM_SAMPLES, prompt=PROMPT) -> list[tuple[int, ...]]:
     """First three generated tokens of n samples. max_tokens=4 leaves room for two
     drafts after token 1, so draft positions 0 and 1 are both verified."""
     from vllm import SamplingParams
 
     params = SamplingParams(temperature=1.0, max_tokens=4, ignore_eos=True)
-    outs = llm.generate([PROMPT] * n, params, use_tqdm=False)
+    outs = llm.generate([prompt] * n, params, use_tqdm=False)
     return [tuple(o.outputs[0].token_ids[:3]) for o in outs]
 
 
-def pvalues(samples) -> list[tuple[float, int]]:
+def pvalues(samples, prompt=PROMPT) -> list[tuple[float, int]]:
     """Chi-square p-value and degrees of freedom for (t1, t2) and (t1, t2, t3)."""
     out = []
     for depth in (2, 3):
         counts = collections.Counter(s[:depth] for s in samples)
-        probs = exact_joint(PROMPT, {c[:-1] for c in counts})
+        probs = exact_joint(prompt, {c[:-1] for c in counts})
         out.append(chi_square_pvalue(counts, probs, len(samples)))
     return out
 
@@ -141,3 +142,28 @@ def test_wrong_draft_probabilities_are_detected(llm, monkeypatch):
     (pvalue, dof), _ = pvalues(sample(llm))
     print(f"wrong q: (t1,t2) chi-square p={pvalue:.3g} dof={dof}")
     assert pvalue < ALPHA / 100
+
+
+REPETITIVE_PROMPT = "The cat sat on the mat. The dog sat on the mat. The cat sat on the"
+
+
+def test_ngram_warmup_drafts_are_exact_too():
+    """Warm-up tokens drafted by vLLM's n-gram proposer (no q) are verified as
+    point masses; the output distribution stays the target's."""
+    from vllm import LLM
+
+    from vllm_specdiff.metrics import from_metrics
+
+    spec = {"method": "specdiff", "model": str(DRAFTER), "num_speculative_tokens": 4,
+            "adaptive": False, "warmup_tokens": 8, "warmup_method": "ngram"}
+    engine = LLM(model=str(TARGET), speculative_config=spec,
+                 **engine_kwargs(max_num_seqs=256, enable_prefix_caching=True))
+    try:
+        samples = sample(engine, prompt=REPETITIVE_PROMPT)
+        stats = from_metrics(engine.get_metrics())
+    finally:
+        close_engine(engine)
+    (pvalue, dof), _ = pvalues(samples, REPETITIVE_PROMPT)
+    print(f"n-gram warm-up: chi-square p={pvalue:.3g} dof={dof}; {stats.summary()}")
+    assert stats.accepted_tokens > 0.02 * NUM_SAMPLES, "n-gram drafts must be accepted at times"
+    assert dof >= 5 and pvalue > ALPHA

@@ -133,7 +133,8 @@ class SpecDiffProposer:
             room = self.max_model_len - int(num_tokens_no_spec[row]) - 1
             k = self.config.gamma if is_seeded else gamma
             drafts[row] = toks[: max(0, min(k, room))]
-        self._last_probs = self._probs_for_verifier(draft, rows, temps, num_rows)
+        self._last_probs = self._probs_for_verifier(draft, rows, temps, num_rows,
+                                                    {i: drafts[i] for i in warmup_rows})
         return drafts
 
     def observe_acceptance(self, num_accepted: int, num_rejections: int) -> None:
@@ -142,12 +143,14 @@ class SpecDiffProposer:
 
     # -- helpers ---------------------------------------------------------------
 
-    def _probs_for_verifier(self, draft, rows, temps, num_rows) -> torch.Tensor | None:
-        """[num_rows, gamma, V] q aligned with the runner's rows.
+    def _probs_for_verifier(self, draft, rows, temps, num_rows,
+                            other_drafts: dict[int, list[int]]) -> torch.Tensor | None:
+        """[num_rows, gamma, V] q aligned with the runner's rows (None: all point masses).
 
         Sampled requests whose q is not the left-to-right conditional (random or
         confidence order with T > 1, or argmax drafts) get a point mass: exact,
-        just accepting with p(x) instead of min(1, p(x)/q(x)).
+        just accepting with p(x) instead of min(1, p(x)/q(x)). So do rows drafted by
+        another proposer (n-gram warm-up drafts: ``other_drafts``).
         """
         probs = draft.probs
         if probs is None:  # an all-greedy batch: the verifier compares argmaxes only
@@ -163,6 +166,9 @@ class SpecDiffProposer:
             return probs.contiguous()
         full = probs.new_zeros((num_rows, *probs.shape[1:]))
         full[torch.tensor(rows, device=probs.device)] = probs
+        for row, tokens in other_drafts.items():
+            for j, token in enumerate(tokens[: full.shape[1]]):
+                full[row, j, token] = 1.0
         return full
 
     @staticmethod
