@@ -112,9 +112,12 @@ class SpecDiffProposer:
 
         gamma = self.adaptive.next_gamma(len(rows) + len(warmup_rows))
         self._last_step = (gamma, len(rows) + len(warmup_rows), now)
-        if warmup_rows and self._ngram is not None and gamma > 0:
-            self._propose_ngram(warmup_rows, sampled_token_ids, num_tokens_no_spec,
-                                token_ids_cpu, drafts, gamma)
+        if warmup_rows and self._ngram is not None:
+            # Seeded requests draft the full gamma here too (see below).
+            lengths = {i: self.config.gamma if input_batch.generators.get(i) is not None
+                       else gamma for i in warmup_rows}
+            self._propose_ngram(sampled_token_ids, num_tokens_no_spec, token_ids_cpu,
+                                drafts, lengths)
         gens = self._generators(rows, input_batch)
         # Seeded requests always draft the full gamma: their random streams are then
         # consumed the same way whatever the load, so their output is reproducible.
@@ -164,10 +167,12 @@ class SpecDiffProposer:
             probs = torch.nn.functional.pad(probs, (0, self.target_vocab - probs.shape[-1]))
         if len(rows) == num_rows:
             return probs.contiguous()
-        full = probs.new_zeros((num_rows, *probs.shape[1:]))
-        full[torch.tensor(rows, device=probs.device)] = probs
+        # n-gram rows may draft more tokens than the MDLM rows did this step.
+        width = max([probs.shape[1], *(len(t) for t in other_drafts.values())])
+        full = probs.new_zeros((num_rows, width, probs.shape[2]))
+        full[torch.tensor(rows, device=probs.device), : probs.shape[1]] = probs
         for row, tokens in other_drafts.items():
-            for j, token in enumerate(tokens[: full.shape[1]]):
+            for j, token in enumerate(tokens):
                 full[row, j, token] = 1.0
         return full
 
@@ -200,12 +205,16 @@ class SpecDiffProposer:
             gens.append(self._draft_generators[rid])
         return gens
 
-    def _propose_ngram(self, rows, sampled, num_tokens_no_spec, token_ids_cpu, drafts, gamma):
-        wanted = set(rows)
-        only = [s if i in wanted else [] for i, s in enumerate(sampled)]
-        proposals = self._ngram.propose(gamma, only, num_tokens_no_spec, token_ids_cpu)
-        for i in rows:
-            drafts[i] = list(proposals[i])[:gamma]
+    def _propose_ngram(self, sampled, num_tokens_no_spec, token_ids_cpu, drafts,
+                       lengths: dict[int, int]) -> None:
+        """vLLM's n-gram proposer for the rows in ``lengths`` (row -> draft length)."""
+        longest = max(lengths.values())
+        if longest == 0:
+            return
+        only = [s if lengths.get(i, 0) else [] for i, s in enumerate(sampled)]
+        proposals = self._ngram.propose(longest, only, num_tokens_no_spec, token_ids_cpu)
+        for i, k in lengths.items():
+            drafts[i] = list(proposals[i])[:k]
 
 
 def _make_ngram_proposer(vllm_config):
