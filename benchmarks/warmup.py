@@ -22,28 +22,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from vllm_specdiff.runtime import (EMBEDDED_DRAFTER, EMBEDDED_TARGET, HELD_OUT_TEXT,  # noqa: E402
-                                   close_engine, cpu_engine_defaults,
-                                   prepare_process)
+                                   prepare_process, timed_generation)
 
 
 def run(prompts, params, spec):
-    from vllm import LLM
-
-    from vllm_specdiff.metrics import from_metrics
-
-    llm = LLM(model=str(EMBEDDED_TARGET), speculative_config=spec, max_num_seqs=1,
-              max_model_len=512, **cpu_engine_defaults())
-    try:
-        llm.generate(prompts[:1], params, use_tqdm=False)
-        before = from_metrics(llm.get_metrics())
-        start = time.perf_counter()
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        seconds = time.perf_counter() - start
-        stats = from_metrics(llm.get_metrics()) - before
-    finally:
-        close_engine(llm)
-    tokens = [list(o.outputs[0].token_ids) for o in outs]
-    return tokens, sum(map(len, tokens)) / seconds, stats
+    outputs, tps, stats = timed_generation(prompts, params, 1, spec)
+    return [list(o.outputs[0].token_ids) for o in outputs], tps, stats
 
 
 def main() -> None:
@@ -57,14 +41,13 @@ def main() -> None:
     args = p.parse_args()
     prepare_process(quiet=True)
     from transformers import AutoTokenizer
-    from vllm import SamplingParams, TokensPrompt
+    from vllm import SamplingParams
 
     from vllm_specdiff.training.data import held_out_prompts
 
     tok = AutoTokenizer.from_pretrained(str(EMBEDDED_TARGET))
-    prompts = [TokensPrompt(prompt_token_ids=ids) for ids in
-               held_out_prompts(tok, HELD_OUT_TEXT, n=args.prompts,
-                                prompt_tokens=args.prompt_tokens)]
+    prompts = held_out_prompts(tok, HELD_OUT_TEXT, n=args.prompts,
+                               prompt_tokens=args.prompt_tokens)
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     base = {"method": "specdiff", "model": str(EMBEDDED_DRAFTER), "adaptive": False,
             "num_speculative_tokens": args.gamma, "diffusion_steps": args.steps}

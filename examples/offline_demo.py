@@ -9,32 +9,15 @@ output tokens/s of both runs measured here, in this process.
 from __future__ import annotations
 
 import argparse
-import time
 
-from vllm_specdiff.runtime import (EMBEDDED_TARGET, HELD_OUT_TEXT, close_engine,
-                                   cpu_engine_defaults, prepare_process)
+from vllm_specdiff.runtime import (EMBEDDED_TARGET, HELD_OUT_TEXT, prepare_process,
+                                   timed_generation)
 
 
 def run(prompts, params, max_num_seqs, speculative_config=None):
-    from vllm import LLM, TokensPrompt
-
-    from vllm_specdiff.metrics import from_metrics
-
-    llm = LLM(model=str(EMBEDDED_TARGET), speculative_config=speculative_config,
-              max_num_seqs=max_num_seqs, max_model_len=512, **cpu_engine_defaults())
-    try:
-        inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
-        llm.generate(inputs[:2], params, use_tqdm=False)  # warm-up
-        before = from_metrics(llm.get_metrics())
-        start = time.perf_counter()
-        outputs = llm.generate(inputs, params, use_tqdm=False)
-        seconds = time.perf_counter() - start
-        stats = from_metrics(llm.get_metrics()) - before
-    finally:
-        close_engine(llm)
+    outputs, tps, stats = timed_generation(prompts, params, max_num_seqs, speculative_config)
     tokens = [list(o.outputs[0].token_ids) for o in outputs]
-    texts = [o.outputs[0].text for o in outputs]
-    return tokens, texts, sum(map(len, tokens)) / seconds, stats
+    return tokens, [o.outputs[0].text for o in outputs], tps, stats
 
 
 def main() -> None:

@@ -54,3 +54,28 @@ def close_engine(llm) -> None:
         pass
     del llm
     gc.collect()
+
+
+def timed_generation(prompt_token_ids, params, max_num_seqs: int, speculative_config=None):
+    """One engine on the embedded target: warm up, then generate all prompts and
+    time it. Returns (outputs, output tokens/s, SpecDecodeStats of the timed run)."""
+    import time
+
+    from vllm import LLM, TokensPrompt
+
+    from vllm_specdiff.metrics import from_metrics
+
+    llm = LLM(model=str(EMBEDDED_TARGET), speculative_config=speculative_config,
+              max_num_seqs=max_num_seqs, max_model_len=512, **cpu_engine_defaults())
+    try:
+        inputs = [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_token_ids]
+        llm.generate(inputs[:2], params, use_tqdm=False)  # warm-up
+        before = from_metrics(llm.get_metrics())
+        start = time.perf_counter()
+        outputs = llm.generate(inputs, params, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        stats = from_metrics(llm.get_metrics()) - before
+    finally:
+        close_engine(llm)
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    return outputs, tokens / seconds, stats
