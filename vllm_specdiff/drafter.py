@@ -123,7 +123,8 @@ class DiffusionDrafter:
                 proposal = torch.where(greedy[:, None], logits.argmax(-1),
                                        sample_inverse_cdf(q, u))
                 confidence = q.gather(-1, proposal.unsqueeze(-1)).squeeze(-1)
-            reveal = reveal_mask(self.schedule, step, steps, masked, confidence)
+            order = self._uniforms((B, gamma), generators) if self.schedule == "random" else None
+            reveal = reveal_mask(self.schedule, step, steps, masked, confidence, order)
             if bool(reveal.any()):
                 tokens = torch.where(reveal, proposal, tokens)
                 if q is not None:

@@ -45,13 +45,15 @@ def reveal_mask(
     steps: int,
     masked: torch.Tensor,
     confidence: torch.Tensor | None,
-    generator: torch.Generator | None = None,
+    uniforms: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Positions to reveal at `step` (0-based) of `steps`.
 
     masked:     bool [B, gamma], True where the position is still masked.
     confidence: float [B, gamma], the drafter's (log-)probability of its proposal;
                 only read by ``confidence`` (may be None otherwise).
+    uniforms:   float [B, gamma] in [0, 1), only read by ``random``; the caller
+                draws them (from each request's generator when it is seeded).
     Returns bool [B, gamma], a subset of `masked`; at the last step all of it.
     """
     if step == steps - 1:
@@ -65,8 +67,7 @@ def reveal_mask(
         return reveal & masked
     if schedule == "random":
         t, s = 1.0 - step / steps, 1.0 - (step + 1) / steps
-        u = torch.rand(masked.shape, device=masked.device, generator=generator)
-        return masked & (u < (t - s) / t)
+        return masked & (uniforms < (t - s) / t)
     if schedule == "confidence":
         count = group_sizes(gamma, steps)[step]
         scores = confidence.masked_fill(~masked, float("-inf"))
