@@ -1,8 +1,9 @@
 """Tests of the fused speculative-decoding verifier (kernels/fused_verify.py).
 
 Fast and vLLM-free.  The Triton kernel runs on CPU under the Triton interpreter
-(TRITON_INTERPRET=1, set before triton is imported); on a CUDA machine the same
-comparisons would hold for the compiled kernel.
+(TRITON_INTERPRET=1, set before triton is imported); ``SPECDIFF_TEST_DEVICE=cuda``
+runs the kernel compiled on a GPU instead (``benchmarks/gpu_check.py`` does), with
+the statistical check of the kernel at 10^6 draws.
 
 * kernel == PyTorch reference, exactly (tokens and num_accepted), on random batches
   and hand-made edge cases; unfused baseline == reference;
@@ -13,7 +14,9 @@ comparisons would hold for the compiled kernel.
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton / the kernel module are imported
+DEVICE = os.environ.get("SPECDIFF_TEST_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton / the kernel module are imported
 
 import functools  # noqa: E402
 
@@ -30,6 +33,16 @@ from vllm_specdiff.kernels.fused_verify import (  # noqa: E402
 )
 
 NEG_INF = float("-inf")
+
+
+def on_device(args):
+    return [a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args]
+
+
+def triton_verify(*args, **kwargs):
+    """The Triton kernel on DEVICE, inputs and outputs on the CPU."""
+    out, num_accepted = fused_verify(*on_device(args), **kwargs)
+    return out.cpu(), num_accepted.cpu()
 
 
 @pytest.fixture(autouse=True)
@@ -119,7 +132,7 @@ def test_kernel_matches_reference(name):
     for seed in range(3):
         args = make_batch(seed, V, ns, greedy, with_q, with_bonus, wide_dtypes=seed != 1)
         want = fused_verify_reference(*args)
-        got = fused_verify(*args, block_v=block_v)
+        got = triton_verify(*args, block_v=block_v)
         assert_same(got, want, f"{name} seed={seed}")
         check_well_formed(*want, args)
         outcomes += [(a, ni) for a, ni in zip(want[1].tolist(), ns) if ni > 0]
@@ -141,7 +154,7 @@ def test_unfused_matches_reference(name):
 # --------------------------------------------------------------------------------------
 
 IMPLS = {
-    "triton": functools.partial(fused_verify, block_v=128),
+    "triton": functools.partial(triton_verify, block_v=128),
     "reference": fused_verify_reference,
     "unfused": unfused_verify,
 }
@@ -396,14 +409,22 @@ def test_statistics_negative_control_wrong_q_fails():
 
 
 def test_statistics_triton_kernel():
-    """Small-draw check of the interpreted kernel (exact equality with the reference is
-    tested above; this is an end-to-end sanity check of its sampling)."""
-    draws = 400
-    P, _, by_pos, _ = simulate(functools.partial(fused_verify, block_v=16), draws, seed=2, gamma=2, V=6)
-    assert chi2_pvalue(by_pos[0], P[0]) > PVALUE_MIN
-    # and the very same draws from the reference
-    _, _, by_pos_ref, _ = simulate(fused_verify_reference, draws, seed=2, gamma=2, V=6)
-    assert torch.equal(by_pos, by_pos_ref)
+    """The kernel's own sampling: interpreted on the CPU a small-draw sanity check
+    (exact equality with the reference is tested above); compiled on a GPU the full
+    10^6-draw chi-square of every position and of the joint (out[0], out[1])."""
+    if DEVICE == "cpu":
+        draws = 400
+        P, _, by_pos, _ = simulate(functools.partial(triton_verify, block_v=16), draws, seed=2, gamma=2, V=6)
+        assert chi2_pvalue(by_pos[0], P[0]) > PVALUE_MIN
+        # and the very same draws from the reference
+        _, _, by_pos_ref, _ = simulate(fused_verify_reference, draws, seed=2, gamma=2, V=6)
+        assert torch.equal(by_pos, by_pos_ref)
+        return
+    P, Q, by_pos, joint = simulate(triton_verify, 1_000_000)
+    assert by_pos[0].sum() == 1_000_000
+    for k in range(P.shape[0]):
+        assert chi2_pvalue(by_pos[k], P[k]) > PVALUE_MIN, f"position {k}"
+    assert chi2_pvalue(joint, torch.minimum(P[0], Q[0])[:, None] * P[1][None, :]) > PVALUE_MIN
 
 
 # --------------------------------------------------------------------------------------
