@@ -110,22 +110,30 @@ def load_mdlm(folder: str | os.PathLike, device: torch.device | str = "cpu",
 
 
 def _hf_cached_snapshot(repo_id: str) -> str | None:
-    try:
-        from huggingface_hub import snapshot_download
+    """The local snapshot of ``repo_id`` in the Hugging Face cache; None when it is not
+    cached. Other failures (a broken cache, no permission) raise, saying what failed."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
+    try:
         return snapshot_download(repo_id, local_files_only=True,
                                  allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, "*.py"])
-    except Exception:
+    except LocalEntryNotFoundError:
         return None
+    except OSError as e:
+        raise DrafterNotFoundError(
+            f"speculative model {repo_id!r}: reading it from the Hugging Face cache failed: {e}"
+        ) from e
 
 
-def _target_vocab_is_gpt2(target: str) -> bool:
+def _target_vocab_size(target: str) -> tuple[int | None, str]:
+    """(vocab size, "") or (None, why the target's config could not be read)."""
+    from transformers import AutoConfig
+
     try:
-        from transformers import AutoConfig
-
-        return AutoConfig.from_pretrained(target).vocab_size in (GPT2_VOCAB_SIZE, 50304)
-    except Exception:
-        return False
+        return AutoConfig.from_pretrained(target).vocab_size, ""
+    except (OSError, ValueError) as e:
+        return None, f"the target's config could not be read ({e})"
 
 
 def resolve_drafter(name: str | None, target: str) -> str:
@@ -164,13 +172,15 @@ def _resolve_alias(target: str) -> str:
             looked.append(f"{pairing} names {drafter!r}, which has no {CONFIG_FILE}")
     else:
         looked.append(f"no {PAIRING_FILE} in the target folder")
-    if _target_vocab_is_gpt2(target):
+    vocab, unreadable = _target_vocab_size(target)
+    if vocab in (GPT2_VOCAB_SIZE, 50304):
         snapshot = _hf_cached_snapshot(MDLM_OWT_REPO)
         if snapshot:
             return snapshot
         looked.append(f"{MDLM_OWT_REPO} (GPT-2 tokenizer target) is not in the Hugging Face cache")
     else:
-        looked.append(f"the target does not use the GPT-2 vocabulary, so {MDLM_OWT_REPO} does not fit")
+        looked.append(unreadable or f"the target does not use the GPT-2 vocabulary, so "
+                                    f"{MDLM_OWT_REPO} does not fit")
     raise DrafterNotFoundError(
         f"speculative model 'mdlm': no MDLM drafter found for target {target!r}: "
         + "; ".join(looked) + ". Pass the drafter folder as the speculative model."

@@ -82,7 +82,7 @@ def save_checkpoint(out, model, optimizer, step, total_steps, data_gen, extra=No
 
 
 def load_checkpoint(out, model, optimizer, data_gen) -> dict:
-    state = torch.load(checkpoint_path(out), map_location="cpu", weights_only=False)
+    state = torch.load(checkpoint_path(out), map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     data_gen.set_state(state["data_gen"])

@@ -118,7 +118,7 @@ def build_distill_data(args, tokenizer, device) -> dict:
     """Generate (or load from ``--distill-data``) the prompt + continuation sequences."""
     cache = Path(args.distill_data) if args.distill_data else Path(args.out) / "distill_data.pt"
     if cache.exists():
-        data = torch.load(cache, weights_only=False)
+        data = torch.load(cache, weights_only=True)
         print(f"[distill] loaded {len(data['sequences'])} sequences from {cache}")
         return data
     gen = torch.Generator().manual_seed(args.seed + 1)
