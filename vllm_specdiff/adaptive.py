@@ -1,31 +1,45 @@
-"""Gamma that adapts to load and acceptance, and stops drafting when it cannot pay.
+"""The draft length of each step, chosen from measured goodput.
 
-Whether drafting k tokens pays depends on the acceptance of this drafter on this
-traffic, on the batch size (verification is nearly free at batch 1 and costs real
-compute at batch 32) and on the machine. Rather than model all of that, each
-candidate k (``arms``: 0 = no drafting, 1, 2, 4, ..., gamma) is measured where it
-runs: goodput = tokens produced per second of the whole step cycle (drafting,
-target pass, verification, scheduling), an exponential average per batch-size
-bucket. A new bucket measures each arm briefly, starting next to the best arm of
-the nearest measured bucket; then each step uses the best arm of its bucket and now
-and then another arm is re-measured, so the choice follows the traffic. Prompt
-(prefill) steps are not measured: their cost says nothing about k.
+Whether drafting ``draft_len`` tokens pays depends on the acceptance of this drafter on
+this traffic, on the batch size (verification is nearly free at batch 1 and costs real
+compute at batch 32) and on the machine. Rather than model all of that, each candidate
+draft length (0 = no drafting, 1, 2, 4, ..., gamma) is measured where it runs:
+goodput = tokens produced per second of the whole step cycle (drafting, target pass,
+verification, scheduling), an exponential average per batch-size bucket. A new bucket
+measures each candidate briefly, starting next to the best one of the nearest measured
+bucket; then each step uses its bucket's best and now and then re-measures another, so
+the choice follows the traffic.
+
+One input, one output: ``observe(StepOutcome)`` after each decode step, and
+``next_draft_len(batch)`` before drafting the next one.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 logger = logging.getLogger("vllm.specdiff")
 
 
-def arms_for(gamma: int) -> list[int]:
-    arms, k = {0, gamma}, 1
-    while k < gamma:
-        arms.add(k)
-        k *= 2
-    return sorted(arms)
+@dataclass(frozen=True)
+class StepOutcome:
+    """One decode step cycle (prompt steps are not measured: their cost says nothing
+    about the draft length)."""
+
+    batch: int  # requests that took part
+    draft_len: int  # the draft length chosen for the step
+    tokens: int  # tokens the step produced (accepted drafts + one per request)
+    seconds: float  # wall time from this step's drafting to the next one's
+
+
+def candidate_draft_lens(gamma: int) -> list[int]:
+    lens, n = {0, gamma}, 1
+    while n < gamma:
+        lens.add(n)
+        n *= 2
+    return sorted(lens)
 
 
 def bucket_of(batch: int) -> int:
@@ -33,82 +47,72 @@ def bucket_of(batch: int) -> int:
     return max(0, (batch - 1).bit_length())
 
 
-class AdaptiveGamma:
+class AdaptiveDraftLength:
     def __init__(self, gamma: int, enabled: bool = True, ema: float = 0.2,
                  warm_samples: int = 2, probe_every: int = 24, log_interval_s: float = 10.0):
         self.gamma = gamma
         self.enabled = enabled
-        self.arms = arms_for(gamma)
+        self.draft_lens = candidate_draft_lens(gamma)
         self.ema = ema
         self.warm_samples = warm_samples
         self.probe_every = probe_every
         self.log_interval_s = log_interval_s
-        # bucket -> arm -> [ema goodput (tokens/s), samples]
+        # bucket -> draft_len -> [ema goodput (tokens/s), samples]
         self.goodput: dict[int, dict[int, list[float]]] = {}
-        self.acceptance = 0.0  # per-token acceptance rate, for the logs
+        self.acceptance = 0.0  # accepted / drafted tokens (ema), for the logs
         self._steps = 0
         self._last_choice: dict[int, int] = {}
         self._last_log = 0.0
 
-    # -- observations ------------------------------------------------------------
-
-    def observe(self, num_accepted: int, num_rejections: int) -> None:
-        """Accepted draft tokens and requests that hit a rejection in one verification
-        (accepted / (accepted + rejections) estimates the per-token rate)."""
-        tests = num_accepted + num_rejections
-        if tests > 0:
-            self.acceptance = 0.9 * self.acceptance + 0.1 * (num_accepted / tests)
-
-    def observe_step(self, batch: int, arm: int, tokens: int, seconds: float) -> None:
-        """A decode step cycle that verified drafts of length `arm`."""
-        if seconds <= 0 or arm not in self.arms:
+    def observe(self, step: StepOutcome) -> None:
+        if step.seconds <= 0 or step.draft_len not in self.draft_lens or step.batch <= 0:
             return
-        stats = self.goodput.setdefault(bucket_of(batch), {}).setdefault(arm, [0.0, 0])
-        rate = tokens / seconds
+        if step.draft_len > 0:
+            accepted = (step.tokens - step.batch) / (step.batch * step.draft_len)
+            self.acceptance = 0.9 * self.acceptance + 0.1 * min(1.0, max(0.0, accepted))
+        stats = self.goodput.setdefault(bucket_of(step.batch), {}).setdefault(step.draft_len, [0.0, 0])
+        rate = step.tokens / step.seconds
         if stats[1] and rate < stats[0] / 20:  # an idle gap, not a step: ignore
             return
         stats[0] = rate if stats[1] == 0 else (1 - self.ema) * stats[0] + self.ema * rate
         stats[1] += 1
 
-    # -- decision ------------------------------------------------------------------
-
-    def next_gamma(self, batch: int) -> int:
+    def next_draft_len(self, batch: int) -> int:
         if not self.enabled or batch == 0:
             return self.gamma
         self._steps += 1
         bucket = bucket_of(batch)
         stats = self.goodput.get(bucket, {})
-        measured = [a for a in self.arms if stats.get(a, (0.0, 0))[1] >= self.warm_samples]
-        untried = [a for a in self.arms if a not in measured]
-        probe = self._steps % self.probe_every == 0
+        measured = [n for n in self.draft_lens if stats.get(n, (0.0, 0))[1] >= self.warm_samples]
+        untried = [n for n in self.draft_lens if n not in measured]
         if untried:
-            # Measure every arm of a new bucket briefly, nearest to the best arm of
-            # the nearest measured bucket first (largest first when nothing is known).
-            anchor = self._nearest_best(bucket)
-            choice = min(untried, key=lambda a: (abs(self.arms.index(a) - self.arms.index(anchor)), -a))
+            # Measure every candidate of a new bucket briefly, nearest to the best one
+            # of the nearest measured bucket first (longest first when nothing is known).
+            anchor = self.draft_lens.index(self._nearest_best(bucket))
+            choice = min(untried, key=lambda n: (abs(self.draft_lens.index(n) - anchor), -n))
         else:
-            ranked = sorted(measured, key=lambda a: stats[a][0], reverse=True)
+            ranked = sorted(measured, key=lambda n: stats[n][0], reverse=True)
             choice = ranked[0]
-            if probe:  # re-measure the other arms in turn
+            if self._steps % self.probe_every == 0:  # re-measure the others in turn
                 others = ranked[1:]
                 choice = others[(self._steps // self.probe_every) % len(others)]
         self._log(bucket, choice, batch, stats)
         return choice
 
     def _nearest_best(self, bucket: int) -> int:
-        """Best measured arm of the nearest bucket that has measurements (else gamma)."""
+        """Best measured draft length of the nearest bucket with measurements (else gamma)."""
         for b in sorted(self.goodput, key=lambda b: abs(b - bucket)):
-            stats = {a: s for a, s in self.goodput[b].items() if s[1] >= self.warm_samples}
+            stats = {n: s for n, s in self.goodput[b].items() if s[1] >= self.warm_samples}
             if stats:
-                return max(stats, key=lambda a: stats[a][0])
+                return max(stats, key=lambda n: stats[n][0])
         return self.gamma
 
     def _log(self, bucket: int, choice: int, batch: int, stats) -> None:
         now = time.monotonic()
         if choice != self._last_choice.get(bucket) and now - self._last_log > self.log_interval_s:
-            rates = ", ".join(f"k={a}: {s[0]:.0f}" for a, s in sorted(stats.items()))
-            logger.info("specdiff adaptive: batch %d -> gamma %d%s (acceptance %.2f; "
-                        "measured tokens/s %s)", batch, choice,
+            rates = ", ".join(f"{n}: {s[0]:.0f}" for n, s in sorted(stats.items()))
+            logger.info("specdiff adaptive: batch %d -> draft length %d%s (acceptance %.2f; "
+                        "measured tokens/s by draft length %s)", batch, choice,
                         " (drafting off)" if choice == 0 else "", self.acceptance, rates)
             self._last_log = now
         self._last_choice[bucket] = choice

@@ -2,14 +2,14 @@
 
 Users write ``{"method": "specdiff", "model": DRAFTER, "num_speculative_tokens": 8,
 "diffusion_steps": 2, ...}``. Every key is checked here, so a bad value fails the
-engine start with one message that names the setting and its allowed range.
+engine start with one message that names the setting and its allowed range. The
+validated ``SpecDiffConfig`` object itself travels to the proposer inside vLLM's
+``additional_config`` (a NamedTuple, so vLLM's JSON hash of that dict accepts it).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from vllm_specdiff.schedules import SCHEDULES
 
@@ -17,64 +17,51 @@ METHOD = "specdiff"
 MAX_GAMMA = 64
 DRAFTER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 WARMUP_METHODS = ("none", "ngram", "specdiff")
+ADDITIONAL_CONFIG_KEY = "specdiff"  # where the settings travel in vLLM's additional_config
 
 
 class SpecDiffConfigError(ValueError):
     """A specdiff setting is missing or out of range."""
 
 
-@dataclass(frozen=True)
-class SpecDiffConfig:
+class SpecDiffConfig(NamedTuple):
     """What the user can set; the field names are the speculative_config keys."""
 
+    # Drafter: a folder in the mdlm-owt layout, a cached HF repo id, or 'mdlm'.
     model: str = "mdlm"
-    """Drafter: a folder in the mdlm-owt layout, a cached HF repo id, or 'mdlm'."""
+    # gamma: the most draft tokens per request per step, 1..64.
     num_speculative_tokens: int = 8
-    """gamma: draft tokens per request per step, 1..64."""
+    # T: denoising steps (drafter forward passes) per proposal, 1..gamma.
     diffusion_steps: int = 2
-    """T: denoising steps (drafter forward passes) per proposal, 1..gamma."""
+    # Which masked positions each step reveals: left_to_right | random | confidence.
     schedule: str = "left_to_right"
-    """Which masked positions each step reveals: left_to_right | random | confidence."""
+    # W: the drafter sees the last W context tokens (longer contexts are cut). Each
+    # drafter pass costs W + gamma tokens.
     context_window: int = 16
-    """W: the drafter sees the last W context tokens (longer contexts are cut). Each
-    drafter pass costs W + gamma tokens; on the embedded pair W=16 accepts as well
-    as W=64 (benchmarks/results/acceptance_context_window.md). Long-context drafters
-    such as mdlm-owt want more."""
+    # auto (the target's dtype) | float32 | bfloat16 | float16. A bfloat16 drafter is
+    # faster on AVX512-BF16 CPUs and still exact, but its q then shifts slightly with
+    # batch padding, so seeded sampled requests reproduce only when batched alike.
     drafter_dtype: str = "auto"
-    """auto (the target's dtype) | float32 | bfloat16 | float16. A bfloat16 drafter is
-    faster (about 30% on AVX512-BF16 CPUs) and still exact, but its q then shifts
-    slightly with batch padding, so seeded sampled requests reproduce only when
-    batched alike."""
+    # None: draft at each request's own temperature (greedy requests draft argmax).
     draft_temperature: float | None = None
-    """None: draft at each request's own temperature (greedy requests draft argmax)."""
+    # Choose each step's draft length from measured goodput (adaptive.py); 0 = no drafting.
     adaptive: bool = True
-    """Adapt gamma to the batch size and the observed acceptance; stop drafting when
-    it cannot pay."""
+    # The first N generated tokens of a request are drafted by `warmup_method`: the
+    # drafter is weak on very short contexts.
     warmup_tokens: int = 8
-    """The first N generated tokens of a request use `warmup_method` instead: the
-    drafter is weak on very short contexts (benchmarks/results/warmup.md: with
-    4-token prompts, n-gram warm-up for 8 tokens ran 0.87x plain vs 0.66x)."""
+    # none (no speculation) | ngram (prompt lookup) | specdiff, for warm-up tokens.
     warmup_method: str = "ngram"
-    """none (no speculation) | ngram (prompt lookup) | specdiff, for warm-up tokens."""
-
-    # Filled at engine start, not by users.
-    drafter_path: str = field(default="", compare=False)
+    # Filled at engine start (the resolved drafter folder), not by users.
+    drafter_path: str = ""
 
     @property
     def gamma(self) -> int:
         return self.num_speculative_tokens
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "SpecDiffConfig":
-        return cls(**json.loads(text))
-
     @classmethod
     def from_user(cls, settings: dict) -> "SpecDiffConfig":
         """Validate the user's speculative_config dict (``method`` already 'specdiff')."""
-        allowed = {f.name for f in dataclasses.fields(cls)} - {"drafter_path"}
+        allowed = set(cls._fields) - {"drafter_path"}
         unknown = sorted(set(settings) - allowed - {"method"})
         if unknown:
             raise SpecDiffConfigError(

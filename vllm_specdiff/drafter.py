@@ -1,6 +1,7 @@
-"""Batched diffusion drafting: gamma tokens for every request in T denoising steps.
+"""Batched diffusion drafting: draft_len tokens (at most gamma) for every request in
+T denoising steps.
 
-The canvas of request i is [last W context tokens, MASK x gamma], right-aligned so
+The canvas of request i is [last W context tokens, MASK x draft_len], right-aligned so
 every request's draft positions share the same columns; shorter contexts are
 left-padded and the padding is hidden from attention. Each step is one forward
 pass of the whole batch; the schedule (``schedules.py``) says which masked
@@ -24,8 +25,8 @@ GREEDY = 0.0
 
 @dataclass
 class Draft:
-    tokens: torch.Tensor  # [B, gamma] int64
-    probs: torch.Tensor | None  # [B, gamma, V_target] float32 q; None if all greedy
+    tokens: torch.Tensor  # [B, draft_len] int64
+    probs: torch.Tensor | None  # [B, draft_len, V_target] float32 q; None if all greedy
     exact: bool  # q is the left-to-right conditional (usable at temperature > 0)
     drafted_greedily: torch.Tensor  # [B] bool: argmax drafts, so q is a point mass
     forward_passes: int
@@ -52,14 +53,14 @@ class DiffusionDrafter:
         self.mask_id = model.config.mask_token_id
         self.device = next(model.parameters()).device
 
-    def _canvas(self, contexts: Sequence[Sequence[int]], gamma: int):
+    def _canvas(self, contexts: Sequence[Sequence[int]], draft_len: int):
         ctxs = [list(c[-self.context_window:]) for c in contexts]
         lengths = torch.tensor([len(c) for c in ctxs])
-        width = int(lengths.max()) + gamma
+        width = int(lengths.max()) + draft_len
         canvas = torch.full((len(ctxs), width), self.mask_id, dtype=torch.long)
-        pad = width - gamma - lengths
+        pad = width - draft_len - lengths
         for i, c in enumerate(ctxs):
-            canvas[i, pad[i] : width - gamma] = torch.as_tensor(c, dtype=torch.long)
+            canvas[i, pad[i] : width - draft_len] = torch.as_tensor(c, dtype=torch.long)
         cols = torch.arange(width)
         positions = (cols[None, :] - pad[:, None]).clamp_(min=0)
         # Attention masks cost time in SDPA; only build one when padding exists.
@@ -78,19 +79,19 @@ class DiffusionDrafter:
     def draft(
         self,
         contexts: Sequence[Sequence[int]],
-        gamma: int,
+        draft_len: int,
         temperatures: Sequence[float] | None = None,
         generators: Sequence[torch.Generator | None] | None = None,
     ) -> Draft:
-        """Draft `gamma` tokens after each context.
+        """Draft `draft_len` tokens after each context.
 
         temperatures: per request; 0 drafts greedily (argmax). With a fixed
         ``draft_temperature`` that value is used for every sampled request.
         generators: per request, for reproducible seeded drafts (else global RNG).
         """
         B = len(contexts)
-        steps = min(self.steps, gamma)
-        canvas, positions, key_mask = self._canvas(contexts, gamma)
+        steps = min(self.steps, draft_len)
+        canvas, positions, key_mask = self._canvas(contexts, draft_len)
         temps = torch.tensor([0.0] * B if temperatures is None else [float(t) for t in temperatures],
                              dtype=torch.float32)
         if self.draft_temperature is not None:
@@ -101,15 +102,15 @@ class DiffusionDrafter:
         greedy = greedy.to(self.device)
         temps = torch.where(temps > GREEDY, temps, torch.ones_like(temps)).to(self.device)
         V = self.mask_id  # target vocabulary: every id below the mask token
-        tokens = torch.zeros(B, gamma, dtype=torch.long, device=self.device)
+        tokens = torch.zeros(B, draft_len, dtype=torch.long, device=self.device)
         # Greedy verification never reads q: all-greedy batches skip it entirely.
-        probs = None if all_greedy else torch.zeros(B, gamma, V, device=self.device)
-        masked = torch.ones(B, gamma, dtype=torch.bool, device=self.device)
+        probs = None if all_greedy else torch.zeros(B, draft_len, V, device=self.device)
+        masked = torch.ones(B, draft_len, dtype=torch.bool, device=self.device)
         passes, logits = 0, None
         for step in range(steps):
             if logits is None:  # no token changed since the last pass: reuse it
                 out = self.model(canvas, positions=positions, key_padding_mask=key_mask,
-                                 num_last=gamma)
+                                 num_last=draft_len)
                 logits = out[..., :V].float()
                 passes += 1
             if all_greedy:
@@ -119,17 +120,17 @@ class DiffusionDrafter:
                               if self.schedule == "confidence" else None)
             else:
                 q = torch.softmax(logits / temps[:, None, None], dim=-1)
-                u = self._uniforms((B, gamma), generators)
+                u = self._uniforms((B, draft_len), generators)
                 proposal = torch.where(greedy[:, None], logits.argmax(-1),
                                        sample_inverse_cdf(q, u))
                 confidence = q.gather(-1, proposal.unsqueeze(-1)).squeeze(-1)
-            order = self._uniforms((B, gamma), generators) if self.schedule == "random" else None
+            order = self._uniforms((B, draft_len), generators) if self.schedule == "random" else None
             reveal = reveal_mask(self.schedule, step, steps, masked, confidence, order)
             if bool(reveal.any()):
                 tokens = torch.where(reveal, proposal, tokens)
                 if q is not None:
                     probs = torch.where(reveal[..., None], q, probs)
-                canvas[:, -gamma:] = torch.where(reveal, proposal, canvas[:, -gamma:])
+                canvas[:, -draft_len:] = torch.where(reveal, proposal, canvas[:, -draft_len:])
                 masked &= ~reveal
                 logits = None
         return Draft(tokens=tokens, probs=probs, exact=is_exact(self.schedule, steps),

