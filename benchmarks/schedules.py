@@ -21,7 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vllm_specdiff.runtime import (EMBEDDED_DRAFTER, EMBEDDED_TARGET, HELD_OUT_TEXT,  # noqa: E402
+from benchmarks.spec_bench import environment, specdiff  # noqa: E402
+from vllm_specdiff.runtime import (EMBEDDED_TARGET, HELD_OUT_TEXT,  # noqa: E402
                                    close_engine, cpu_engine_defaults,
                                    prepare_process)
 
@@ -49,9 +50,10 @@ def main() -> None:
         for steps in args.steps:
             if steps == 1 and schedule != "left_to_right":
                 continue  # T = 1 is the same draft for every schedule
-            spec = {"method": "specdiff", "model": str(EMBEDDED_DRAFTER), "adaptive": False,
-                    "num_speculative_tokens": args.gamma, "diffusion_steps": steps,
-                    "schedule": schedule}
+            # Every setting pinned; no warm-up drafting, so every token is drafted
+            # by the schedule under test.
+            spec = specdiff(args.gamma, steps, schedule=schedule, adaptive=False,
+                            warmup_tokens=0).speculative_config
             llm = LLM(model=str(EMBEDDED_TARGET), speculative_config=spec, max_num_seqs=16,
                       max_model_len=512, **cpu_engine_defaults())
             try:
@@ -69,11 +71,13 @@ def main() -> None:
             print(rows[-1], flush=True)
     out = ROOT / "benchmarks" / "results" / "schedules.md"
     out.parent.mkdir(parents=True, exist_ok=True)
+    env = environment("schedules.py", sys.argv[1:])
     out.write_text("\n".join([
         "# Unmasking schedules: mean accepted length through vLLM", "",
-        f"Command: `python benchmarks/schedules.py {' '.join(sys.argv[1:])}`  ",
+        f"Command: `{env['command']}`  ", f"Commit: {env['commit']}, {env['date']}  ",
         f"Embedded pair, gamma={args.gamma}, {args.prompts} held-out TinyStories prompts, "
-        f"{args.max_tokens} new tokens, batch 16, adaptive gamma off; "
+        f"{args.max_tokens} new tokens, batch 16, adaptive off, warm-up off, other settings "
+        f"the defaults (W={spec['context_window']}, drafter dtype {spec['drafter_dtype']}); "
         f"{(time.time() - started) / 60:.1f} min.", "",
         "| schedule | T | tau greedy | tau temperature 1 | sampled requests verified with |",
         "|---|---|---|---|---|", *rows, ""]))

@@ -1,26 +1,33 @@
-"""Spec-Bench on the embedded models: specdiff against vLLM's own speculators, one run.
+"""Spec-Bench through vLLM's public API: specdiff against vLLM's own speculators, truthfully.
 
-Methods: no speculation; vLLM ``draft_model`` with the equal-size AR drafter
-(models/tiny-ar-drafter); vLLM ``ngram``; specdiff over a grid of gamma x T. Each
-method gets one engine (in this process); each (batch, temperature) cell then
-generates the same prompts. Batch b means the prompts are submitted b at a time
-to an engine with max_num_seqs = b (b = 1 is Spec-Bench's protocol).
+    python benchmarks/spec_bench.py            # the full grid (about an hour on 2 CPU cores)
+    python benchmarks/spec_bench.py --quick    # a smaller grid, under 5 minutes
 
-Reported per category and overall: output tokens/s, speedup over no speculation
-(same batch and temperature, measured in this run), mean accepted length tau
-(tokens per target pass, bonus included), per-position acceptance, and the
-drafter's share of generation time. Greedy cells also check that every method's
-output equals plain decoding token for token.
+Protocol (what each number means):
 
-    python benchmarks/spec_bench.py            # default grid (<= 30 min on 2 CPU cores)
-    python benchmarks/spec_bench.py --quick    # <= 5 min
-    python benchmarks/spec_bench.py --prompts-per-category 80   # all 480 prompts
+- **Batch means concurrency.** A cell labelled b runs an engine with ``max_num_seqs=b``
+  and submits 3b prompts at once (``LLM.generate`` with all of them), so b requests run
+  together while the queue lasts. The table prints the mean number of requests the
+  scheduler ran per decode step (read from vLLM's scheduler output), beside b.
+- **Repeated and interleaved.** Every engine lives in its own process, at most
+  ``--max-engines`` at once (memory), plain decoding in every group; after one untimed
+  warm-up round the methods run in turn, A B C A B C ..., ``--repeats`` times, each run
+  timing one ``LLM.generate`` of all the cell's prompts. Cells show the median and
+  [min-max] of the repeats; speedups are medians of the per-repeat ratios against the
+  plain run of the same round. The spread of plain decoding across repeats is the noise; a
+  speedup whose [min-max] straddles 1.0 is marked ``~`` (inside the noise).
+- **Equal tuning.** ``ngram`` and ``draft_model`` (the embedded AR drafter) get a
+  gamma sweep, as specdiff gets gamma x T; the best of each family per cell is
+  compared best-vs-best, and the whole sweep is shown.
+- **Pinned.** Every specdiff setting is written out in each method's config and
+  printed; the result files carry the commit, the command, the date, the CPU and the
+  thread count.
+- **Output length.** At batch 1, greedy, held-out TinyStories openings: 64 and 256 new
+  tokens and the longest the target allows.
 
-The embedded models are TinyStories models: Spec-Bench prompts are far out of
-their domain, and prompts are cut to their last --prompt-tokens tokens to fit the
-target's 512-token context. A seventh category, ``tinystories``, holds the same
-number of held-out TinyStories openings: the domain the models were trained on.
-Results: benchmarks/results/spec_bench.md and PNGs.
+Prompts: Spec-Bench (six categories, first turn, last --prompt-tokens tokens so they fit
+the 512-token target) and held-out TinyStories openings, round-robin over the seven.
+Results: benchmarks/results/spec_bench[_quick].{md,json,png}.
 """
 
 from __future__ import annotations
@@ -28,286 +35,469 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import multiprocessing as mp
 import os
 import platform
+import statistics
+import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from vllm_specdiff.runtime import (EMBEDDED_AR_DRAFTER, EMBEDDED_DRAFTER,  # noqa: E402
-                                   EMBEDDED_TARGET, HELD_OUT_TEXT, close_engine,
-                                   cpu_engine_defaults, prepare_process)
+                                   EMBEDDED_TARGET, HELD_OUT_TEXT, cpu_engine_defaults,
+                                   prepare_process)
 
 SPEC_BENCH = ROOT / "data" / "spec_bench" / "question.jsonl"
 RESULTS = ROOT / "benchmarks" / "results"
+MAX_MODEL_LEN = 512
+KV_CACHE_BYTES = 512 << 20  # per engine: several engines are alive at once
 CATEGORIES = {"writing": "mt_bench", "roleplay": "mt_bench", "reasoning": "mt_bench",
               "math": "mt_bench", "coding": "mt_bench", "extraction": "mt_bench",
               "stem": "mt_bench", "humanities": "mt_bench", "translation": "translation",
               "summarization": "summarization", "qa": "qa",
               "math_reasoning": "math_reasoning", "rag": "rag"}
+FAMILIES = ("specdiff", "ngram", "draft_model")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Method:
     name: str
+    family: str  # none | specdiff | ngram | draft_model
     speculative_config: dict | None
 
-    @property
-    def is_specdiff(self) -> bool:
-        return bool(self.speculative_config) and self.speculative_config["method"] == "specdiff"
+
+def specdiff(gamma: int, steps: int, **overrides) -> Method:
+    """Every setting pinned (the defaults of this commit, written out)."""
+    from vllm_specdiff.config import SpecDiffConfig
+
+    settings = {**SpecDiffConfig()._asdict(), "model": str(EMBEDDED_DRAFTER),
+                "num_speculative_tokens": gamma, "diffusion_steps": steps, **overrides}
+    settings.pop("drafter_path")
+    name = f"specdiff g{gamma} T{steps}" + "".join(f" {k}={v}" for k, v in overrides.items())
+    return Method(name, "specdiff", {"method": "specdiff", **settings})
 
 
-@dataclass
-class Cell:
-    method: str
-    batch: int
-    temperature: float
-    tokens: dict = field(default_factory=lambda: collections.Counter())
-    seconds: dict = field(default_factory=lambda: collections.Counter())
-    drafter_seconds: float = 0.0
-    stats: object = None
-    outputs: list = field(default_factory=list)
-
-    def tps(self, category=None) -> float:
-        if category is None:
-            return sum(self.tokens.values()) / max(1e-9, sum(self.seconds.values()))
-        return self.tokens[category] / max(1e-9, self.seconds[category])
+def ngram(gamma: int) -> Method:
+    return Method(f"ngram g{gamma}", "ngram", {"method": "ngram", "num_speculative_tokens": gamma,
+                                               "prompt_lookup_min": 1, "prompt_lookup_max": 4})
 
 
-def load_prompts(tokenizer, per_category: int, prompt_tokens: int):
-    """(category, token ids) pairs; multi-turn rows use their first turn."""
-    rows = [json.loads(line) for line in SPEC_BENCH.read_text().splitlines()]
-    picked, counts = [], collections.Counter()
-    for row in rows:
-        cat = CATEGORIES[row["category"]]
-        if counts[cat] >= per_category:
-            continue
-        ids = tokenizer(row["turns"][0], add_special_tokens=False)["input_ids"][-prompt_tokens:]
-        picked.append((cat, ids))
-        counts[cat] += 1
-    from vllm_specdiff.training.data import held_out_prompts
-
-    picked += [("tinystories", ids) for ids in
-               held_out_prompts(tokenizer, HELD_OUT_TEXT, n=per_category, prompt_tokens=32)]
-    return picked
-
-
-def methods_for(args) -> list[Method]:
-    out = [Method("none", None),
-           Method(f"draft_model g{args.ar_gamma}",
+def draft_model(gamma: int) -> Method:
+    return Method(f"draft_model g{gamma}", "draft_model",
                   {"method": "draft_model", "model": str(EMBEDDED_AR_DRAFTER),
-                   "num_speculative_tokens": args.ar_gamma}),
-           Method(f"ngram g{args.ngram_gamma}",
-                  {"method": "ngram", "num_speculative_tokens": args.ngram_gamma,
-                   "prompt_lookup_min": 1, "prompt_lookup_max": 4})]
-    for gamma in args.gammas:
-        for steps in args.steps:
-            if steps <= gamma:
-                out.append(Method(f"specdiff g{gamma} T{steps}",
-                                  {"method": "specdiff", "model": str(EMBEDDED_DRAFTER),
-                                   "num_speculative_tokens": gamma, "diffusion_steps": steps,
-                                   "adaptive": not args.no_adaptive}))
-    return out
+                   "num_speculative_tokens": gamma})
 
 
-def model_runner(llm):
-    return llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
+NONE = Method("none", "none", None)
 
 
-def time_drafter(llm) -> list[float]:
-    """Wrap the engine's drafter so its time can be reported (in-process engine)."""
-    spent = [0.0]
-    drafter = getattr(model_runner(llm), "drafter", None)
-    if drafter is None:
-        return spent
-    original = drafter.propose
-
-    def timed(*a, **kw):
-        start = time.perf_counter()
-        try:
-            return original(*a, **kw)
-        finally:
-            spent[0] += time.perf_counter() - start
-
-    drafter.propose = timed
-    return spent
+def grid(quick: bool) -> list[Method]:
+    if quick:
+        return [NONE, specdiff(8, 2), ngram(4), draft_model(4)]
+    return [NONE, specdiff(4, 2), specdiff(8, 2), specdiff(16, 2), specdiff(8, 1),
+            ngram(2), ngram(4), ngram(8), draft_model(2), draft_model(4), draft_model(8)]
 
 
-def run_method(method, prompts, args, progress) -> list[Cell]:
+# -- the engine process ---------------------------------------------------------------
+
+def engine_process(conn, method: Method, max_num_seqs: int) -> None:
+    """Owns one in-process vLLM engine; runs timed generations when asked."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override kv_cache_memory_bytes
     from vllm import LLM, SamplingParams, TokensPrompt
 
     from vllm_specdiff.metrics import from_metrics
 
     llm = LLM(model=str(EMBEDDED_TARGET), speculative_config=method.speculative_config,
-              max_num_seqs=max(args.batches), max_model_len=512, **cpu_engine_defaults())
-    cells = []
-    try:
-        drafter_time = time_drafter(llm)
-        warm = [TokensPrompt(prompt_token_ids=p) for _, p in prompts[:2]]
-        llm.generate(warm, SamplingParams(max_tokens=8), use_tqdm=False)
-        for batch in args.batches:
-            # Continuous batching would refill up to max_num_seqs; b at a time keeps
-            # the engine's concurrency at b for every method alike.
-            for temperature in args.temperatures:
-                cell = Cell(method.name, batch, temperature)
-                params = SamplingParams(temperature=temperature, max_tokens=args.max_tokens,
-                                        ignore_eos=True, seed=None)
-                before, t0 = from_metrics(llm.get_metrics()), drafter_time[0]
-                by_cat = collections.defaultdict(list)
-                for cat, ids in prompts:
-                    by_cat[cat].append(ids)
-                for cat, cat_prompts in by_cat.items():
-                    for start in range(0, len(cat_prompts), batch):
-                        chunk = [TokensPrompt(prompt_token_ids=p)
-                                 for p in cat_prompts[start:start + batch]]
-                        t = time.perf_counter()
-                        outs = llm.generate(chunk, params, use_tqdm=False)
-                        cell.seconds[cat] += time.perf_counter() - t
-                        cell.tokens[cat] += sum(len(o.outputs[0].token_ids) for o in outs)
-                        cell.outputs.extend(list(o.outputs[0].token_ids) for o in outs)
-                        progress.update(len(chunk))
-                cell.stats = from_metrics(llm.get_metrics()) - before
-                cell.drafter_seconds = drafter_time[0] - t0
-                cells.append(cell)
-                progress.set_postfix_str(f"{method.name} b{batch} t{temperature}: "
-                                         f"{cell.tps():.0f} tok/s")
-    finally:
-        close_engine(llm)
-    return cells
+              max_num_seqs=max_num_seqs, max_model_len=MAX_MODEL_LEN,
+              kv_cache_memory_bytes=KV_CACHE_BYTES,
+              **{k: v for k, v in cpu_engine_defaults().items() if k != "gpu_memory_utilization"})
+    core = llm.llm_engine.engine_core.engine_core
+    steps: list[int] = []  # requests scheduled in each decode step
+    schedule = core.scheduler.schedule
+
+    def recorded_schedule(*args, **kwargs):
+        out = schedule(*args, **kwargs)
+        spec = out.scheduled_spec_decode_tokens
+        if out.num_scheduled_tokens and not out.scheduled_new_reqs and all(
+                n == 1 + len(spec.get(r, ())) for r, n in out.num_scheduled_tokens.items()):
+            steps.append(len(out.num_scheduled_tokens))
+        return out
+
+    core.scheduler.schedule = recorded_schedule
+    drafter = getattr(core.model_executor.driver_worker.worker.model_runner, "drafter", None)
+    drafter_seconds = [0.0]
+    if drafter is not None:  # time the proposer's entry point that this method uses
+        name = "draft" if hasattr(drafter, "draft") else "propose"
+        original = getattr(drafter, name)
+
+        def timed(*a, **kw):
+            start = time.perf_counter()
+            try:
+                return original(*a, **kw)
+            finally:
+                drafter_seconds[0] += time.perf_counter() - start
+
+        setattr(drafter, name, timed)
+    llm.generate([TokensPrompt(prompt_token_ids=list(range(1, 17)))] * 2,
+                 SamplingParams(max_tokens=16, ignore_eos=True), use_tqdm=False)  # warm-up
+    conn.send("ready")
+    while True:
+        message = conn.recv()
+        if message is None:
+            break
+        prompts, max_tokens, temperature = message
+        params = SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True)
+        inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+        before, steps[:], drafter_before = from_metrics(llm.get_metrics()), [], drafter_seconds[0]
+        start = time.perf_counter()
+        outputs = llm.generate(inputs, params, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        stats = from_metrics(llm.get_metrics()) - before
+        conn.send({"seconds": seconds, "tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
+                   "outputs": [list(o.outputs[0].token_ids) for o in outputs],
+                   "mean_running": statistics.mean(steps) if steps else 0.0,
+                   "drafter_seconds": drafter_seconds[0] - drafter_before,
+                   "drafts": stats.drafts, "accepted": stats.accepted_tokens,
+                   "per_position": stats.accepted_per_position})
+    llm.llm_engine.engine_core.shutdown()
 
 
-def fmt_row(cells):
-    return "| " + " | ".join(cells) + " |"
+class Engines:
+    """One engine process per method, started together, stopped together."""
+
+    def __init__(self, methods: list[Method], max_num_seqs: int):
+        ctx = mp.get_context("spawn")
+        self.methods = methods
+        self.conns, self.procs = {}, {}
+        for m in methods:
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=engine_process, args=(child, m, max_num_seqs), daemon=True)
+            proc.start()
+            self.conns[m.name], self.procs[m.name] = parent, proc
+        for m in methods:
+            if self.conns[m.name].recv() != "ready":
+                raise RuntimeError(f"engine for {m.name} failed to start")
+
+    def run(self, method: Method, prompts, max_tokens: int, temperature: float) -> dict:
+        time.sleep(0.3)  # let the previous engine's OpenMP threads go idle
+        self.conns[method.name].send((prompts, max_tokens, temperature))
+        return self.conns[method.name].recv()
+
+    def close(self) -> None:
+        for name, conn in self.conns.items():
+            conn.send(None)
+            self.procs[name].join(timeout=60)
 
 
-def write_report(cells: list[Cell], args, categories, started) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    base = {(c.batch, c.temperature): c for c in cells if c.method == "none"}
-    lines = ["# Spec-Bench on the embedded models", "",
-             f"Command: `python benchmarks/spec_bench.py {' '.join(sys.argv[1:])}`  ",
-             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
-             f"{platform.processor() or 'unknown CPU'}; vLLM CPU backend, float32.  ",
-             f"Prompts: {args.prompts_per_category} per category ({len(categories)} categories), "
-             f"last {args.prompt_tokens} tokens of each; {args.max_tokens} new tokens each; "
-             f"adaptive gamma {'off' if args.no_adaptive else 'on'}. Wall time "
-             f"{(time.time() - started) / 60:.1f} min.", ""]
-    for temperature in args.temperatures:
-        mode = "greedy" if temperature == 0 else f"temperature {temperature}"
-        lines += [f"## Overall, {mode}", "",
-                  fmt_row(["method", *[f"b={b} tok/s" for b in args.batches],
-                           *[f"b={b} speedup" for b in args.batches], "tau (b=1)",
-                           "per-position acceptance (b=1)", "drafter share (b=1)",
-                           "greedy output = plain"]),
-                  fmt_row(["---"] * (5 + 2 * len(args.batches)))]
-        for name in dict.fromkeys(c.method for c in cells):
-            row = {c.batch: c for c in cells if c.method == name and c.temperature == temperature}
-            if not row:
-                continue
-            first = row[min(row)]
-            per_pos = " ".join(f"{a:.2f}" for a in first.stats.per_position_acceptance) or "-"
-            share = sum(first.seconds.values())
-            same = "-"
-            if temperature == 0 and name != "none":
-                same = "yes" if all(
-                    row[b].outputs == base[(b, 0.0)].outputs for b in row) else "NO"
-            lines.append(fmt_row([
-                name, *[f"{row[b].tps():.0f}" for b in args.batches],
-                *[f"{row[b].tps() / base[(b, temperature)].tps():.2f}x" for b in args.batches],
-                f"{first.stats.mean_accepted_length:.2f}" if first.stats.drafts else "-",
-                per_pos, f"{first.drafter_seconds / share:.0%}" if share else "-", same]))
-        lines += ["", f"### Speedup over no speculation by category, {mode}, batch 1", "",
-                  fmt_row(["method", *categories]), fmt_row(["---"] * (1 + len(categories)))]
-        b1 = min(args.batches)
-        for name in dict.fromkeys(c.method for c in cells):
-            match = [c for c in cells if c.method == name and c.batch == b1
-                     and c.temperature == temperature]
-            if match:
-                ref = base[(b1, temperature)]
-                lines.append(fmt_row([name, *[f"{match[0].tps(cat) / ref.tps(cat):.2f}x"
-                                              for cat in categories]]))
-        lines.append("")
-    out = RESULTS / ("spec_bench_quick.md" if args.quick else "spec_bench.md")
-    out.write_text("\n".join(lines) + "\n")
+# -- prompts, cells, the run --------------------------------------------------------------
+
+def load_prompts(tokenizer, prompt_tokens: int) -> list[tuple[str, list[int]]]:
+    """(category, token ids), round-robin over the categories."""
+    from vllm_specdiff.training.data import held_out_prompts
+
+    by_cat = collections.defaultdict(list)
+    for line in SPEC_BENCH.read_text().splitlines():
+        row = json.loads(line)
+        ids = tokenizer(row["turns"][0], add_special_tokens=False)["input_ids"][-prompt_tokens:]
+        by_cat[CATEGORIES[row["category"]]].append(ids)
+    by_cat["tinystories"] = held_out_prompts(tokenizer, HELD_OUT_TEXT, n=200, prompt_tokens=32)
+    out, cats = [], list(by_cat)
+    for i in range(max(len(v) for v in by_cat.values())):
+        out += [(c, by_cat[c][i]) for c in cats if i < len(by_cat[c])]
     return out
 
 
-def plot(cells: list[Cell], args) -> list[Path]:
+def median_range(values: list[float]) -> tuple[float, float, float]:
+    return statistics.median(values), min(values), max(values)
+
+
+def run_rounds(engines: Engines, methods, prompts, max_tokens, temperature, repeats, log,
+               label: str) -> dict[str, list[dict]]:
+    """One untimed warm-up round, then `repeats` rounds, each running every method once
+    in turn (A B C A B C ...)."""
+    for m in methods:
+        engines.run(m, prompts, max_tokens, temperature)
+    runs = collections.defaultdict(list)
+    for rep in range(repeats):
+        for m in methods:
+            r = engines.run(m, prompts, max_tokens, temperature)
+            runs[m.name].append(r)
+            log(f"  {label} rep {rep + 1}/{repeats} {m.name}: {r['tokens'] / r['seconds']:.0f} tok/s, "
+                f"running {r['mean_running']:.1f}")
+    return runs
+
+
+def groups_of(methods: list[Method], size: int) -> list[list[Method]]:
+    """Methods in groups of at most `size` engines, plain decoding in every group (each
+    speedup is measured against the plain runs of its own rounds)."""
+    others = [m for m in methods if m is not NONE]
+    return [[NONE, *others[i:i + size - 1]] for i in range(0, len(others), size - 1)]
+
+
+def run_grid(methods, prompts, batches, temperatures, repeats, max_tokens, log,
+             max_engines: int) -> list[dict]:
+    """Every (batch, temperature, method) cell; the plain row is the first group's."""
+    cells = []
+    for batch in batches:
+        cell_prompts = [ids for _, ids in prompts[: max(3 * batch, 7)]]
+        for g, group in enumerate(groups_of(methods, max_engines)):
+            log(f"batch {batch}: starting {len(group)} engines (max_num_seqs={batch}), "
+                f"{len(cell_prompts)} prompts per run")
+            engines = Engines(group, batch)
+            try:
+                for temperature in temperatures:
+                    runs = run_rounds(engines, group, cell_prompts, max_tokens, temperature,
+                                      repeats, log, f"b={batch} t={temperature}")
+                    cells += [c for c in summarise(group, runs, batch, temperature)
+                              if g == 0 or c["family"] != "none"]
+            finally:
+                engines.close()
+    return cells
+
+
+def summarise(methods, runs, batch, temperature) -> list[dict]:
+    base = runs["none"]
+    cells = []
+    for m in methods:
+        rs = runs[m.name]
+        tps = [r["tokens"] / r["seconds"] for r in rs]
+        ratios = [t / (b["tokens"] / b["seconds"]) for t, b in zip(tps, base)]
+        drafts = sum(r["drafts"] for r in rs)
+        per_pos = [sum(r["per_position"][j] if j < len(r["per_position"]) else 0 for r in rs) / drafts
+                   for j in range(max((len(r["per_position"]) for r in rs), default=0))] if drafts else []
+        cells.append({
+            "method": m.name, "family": m.family, "config": m.speculative_config,
+            "batch": batch, "temperature": temperature, "tokens_per_s": tps,
+            "speedup": ratios, "mean_running": statistics.mean(r["mean_running"] for r in rs),
+            "tau": 1 + sum(r["accepted"] for r in rs) / drafts if drafts else None,
+            "per_position": per_pos,
+            "drafter_share": sum(r["drafter_seconds"] for r in rs) / sum(r["seconds"] for r in rs),
+            "same_as_plain": (all(r["outputs"] == b["outputs"] for r, b in zip(rs, base))
+                              if temperature == 0 else None)})
+    return cells
+
+
+def run_lengths(methods, prompts, lengths, repeats, log) -> list[dict]:
+    engines = Engines(methods, 1)
+    cells = []
+    try:
+        for length in lengths:
+            runs = run_rounds(engines, methods, prompts, length, 0.0, repeats, log, f"length {length}")
+            cells += [{**cell, "max_tokens": length} for cell in summarise(methods, runs, 1, 0.0)]
+    finally:
+        engines.close()
+    return cells
+
+
+# -- report -------------------------------------------------------------------------------
+
+def fmt(values, unit="") -> str:
+    med, lo, hi = median_range(values)
+    return f"{med:.0f}{unit} [{lo:.0f}-{hi:.0f}]" if unit == "" else f"{med:.2f}{unit} [{lo:.2f}-{hi:.2f}]"
+
+
+def speedup_cell(cell) -> str:
+    med, lo, hi = median_range(cell["speedup"])
+    noise = "~" if lo <= 1.0 <= hi else ""
+    return f"{noise}{med:.2f}x [{lo:.2f}-{hi:.2f}]"
+
+
+def tau_cell(cell) -> str:
+    return "-" if cell["tau"] is None else f"{cell['tau']:.2f}"
+
+
+def best_of(cells, family, batch, temperature):
+    pool = [c for c in cells if c["family"] == family and c["batch"] == batch
+            and c["temperature"] == temperature]
+    return max(pool, key=lambda c: statistics.median(c["tokens_per_s"]), default=None)
+
+
+def environment(script: str, argv: list[str]) -> dict:
+    import torch
+
+    try:
+        import vllm
+
+        vllm_version = vllm.__version__
+    except ImportError:
+        vllm_version = "not installed"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                            capture_output=True, text=True).stdout.strip() or "unknown"
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                           capture_output=True, text=True).stdout.strip()
+    return {"command": f"python benchmarks/{script} " + " ".join(argv),
+            "commit": commit + (" (with uncommitted changes)" if dirty else ""),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu,
+            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "vllm": vllm_version, "dtype": cpu_engine_defaults()["dtype"],
+            "omp_preload": "libiomp5" in os.environ.get("LD_PRELOAD", "")}
+
+
+def report(cells, length_cells, env, args, minutes) -> str:
+    batches = sorted({c["batch"] for c in cells})
+    lines = ["# Spec-Bench on the embedded models, through vLLM's public API", "",
+             f"Command: `{env['command']}`  ", f"Commit: {env['commit']}  ",
+             f"Date: {env['date']}; wall time {minutes:.0f} min  ",
+             f"Machine: {env['cpu']}, {env['cores']} cores, torch threads {env['torch_threads']}, "
+             f"Intel OpenMP preloaded: {env['omp_preload']}; vLLM {env['vllm']} (CPU), {env['dtype']}  ",
+             f"Workload: cell b = max_num_seqs b, 3b prompts (at least 7) submitted at once, "
+             f"{args.max_tokens} new tokens each (ignore_eos); one warm-up round, then {args.repeats} "
+             f"interleaved repeats, at most {args.max_engines} engines at once; "
+             "prompts round-robin over Spec-Bench's six categories and held-out TinyStories.", "",
+             "Cells: median [min-max] over repeats; speedup = median of per-repeat ratios to "
+             "plain decoding in the same round; `~` marks a speedup whose range straddles 1.0 "
+             "(inside the noise); `running` = mean requests per decode step from vLLM's scheduler.", ""]
+    for temperature in sorted({c["temperature"] for c in cells}):
+        mode = "greedy" if temperature == 0 else f"temperature {temperature}"
+        base = {b: next(c for c in cells if c["method"] == "none" and c["batch"] == b
+                        and c["temperature"] == temperature) for b in batches}
+        noise = ", ".join(f"b={b}: {100 * (max(base[b]['tokens_per_s']) - min(base[b]['tokens_per_s'])) / statistics.median(base[b]['tokens_per_s']):.0f}%"
+                          for b in batches)
+        lines += [f"## {mode.capitalize()}", "",
+                  f"Noise (plain decoding, (max - min) / median over repeats): {noise}.", "",
+                  "### Best of each family vs plain decoding", "",
+                  "| family | " + " | ".join(f"b={b} (running {base[b]['mean_running']:.1f})" for b in batches) + " |",
+                  "|---|" + "---|" * len(batches)]
+        lines.append("| none | " + " | ".join(f"{fmt(base[b]['tokens_per_s'])} tok/s" for b in batches) + " |")
+        for family in FAMILIES:
+            row = []
+            for b in batches:
+                best = best_of(cells, family, b, temperature)
+                row.append("-" if best is None else f"{speedup_cell(best)} ({best['method'].split(' ', 1)[1]})")
+            lines.append(f"| {family} | " + " | ".join(row) + " |")
+        lines.append("")
+        lines += ["### specdiff best vs the others' best (ratio of median tokens/s)", "",
+                  "| vs | " + " | ".join(f"b={b}" for b in batches) + " |", "|---|" + "---|" * len(batches)]
+        for other in ("ngram", "draft_model"):
+            row = []
+            for b in batches:
+                s, o = best_of(cells, "specdiff", b, temperature), best_of(cells, other, b, temperature)
+                row.append("-" if not (s and o) else
+                           f"{statistics.median(s['tokens_per_s']) / statistics.median(o['tokens_per_s']):.2f}x")
+            lines.append(f"| {other} | " + " | ".join(row) + " |")
+        lines += ["", "### Every method", "",
+                  "| method | batch | running | tok/s | speedup | tau | per-position acceptance | drafter share | greedy = plain |",
+                  "|---|---:|---:|---|---|---:|---|---:|---|"]
+        for c in cells:
+            if c["temperature"] != temperature:
+                continue
+            same = "-" if c["same_as_plain"] is None or c["method"] == "none" else ("yes" if c["same_as_plain"] else "NO")
+            lines.append(f"| {c['method']} | {c['batch']} | {c['mean_running']:.1f} | {fmt(c['tokens_per_s'])} | "
+                         f"{speedup_cell(c)} | {tau_cell(c)} | "
+                         f"{' '.join(f'{a:.2f}' for a in c['per_position']) or '-'} | "
+                         f"{100 * c['drafter_share']:.0f}% | {same} |")
+        lines.append("")
+    if length_cells:
+        lengths = sorted({c["max_tokens"] for c in length_cells})
+        lines += ["## Output length (batch 1, greedy, held-out TinyStories openings of 32 tokens)", "",
+                  "| method | " + " | ".join(f"{n} tokens" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
+        for name in dict.fromkeys(c["method"] for c in length_cells):
+            row = {c["max_tokens"]: c for c in length_cells if c["method"] == name}
+            lines.append(f"| {name} | " + " | ".join(
+                f"{fmt(row[n]['tokens_per_s'])} tok/s" if name == "none" else speedup_cell(row[n])
+                for n in lengths) + " |")
+        lines.append("")
+    lines += ["## Settings of every method", ""]
+    for name, config in dict.fromkeys((c["method"], json.dumps(c["config"], sort_keys=True)) for c in cells):
+        lines.append(f"- `{name}`: `{config}`")
+    return "\n".join(lines) + "\n"
+
+
+def plot(cells, path: Path) -> None:
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib missing: no plots (pip install vllm-specdiff[bench])")
-        return []
-    paths = []
-    base = {(c.batch, c.temperature): c for c in cells if c.method == "none"}
-    for temperature in args.temperatures:
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        for name in dict.fromkeys(c.method for c in cells):
-            row = sorted((c for c in cells if c.method == name and c.temperature == temperature),
-                         key=lambda c: c.batch)
-            ax.plot([c.batch for c in row],
-                    [c.tps() / base[(c.batch, temperature)].tps() for c in row],
-                    marker="o", label=name)
-        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+        print("matplotlib missing: no plot (pip install vllm-specdiff[bench])")
+        return
+    temperatures = sorted({c["temperature"] for c in cells})
+    batches = sorted({c["batch"] for c in cells})
+    fig, axes = plt.subplots(1, len(temperatures), figsize=(6 * len(temperatures), 4.2), squeeze=False)
+    for ax, temperature in zip(axes[0], temperatures):
+        for family in FAMILIES:
+            points = [(b, best_of(cells, family, b, temperature)) for b in batches]
+            points = [(b, c) for b, c in points if c is not None]
+            if not points:
+                continue
+            meds = [statistics.median(c["speedup"]) for _, c in points]
+            lo = [m - min(c["speedup"]) for m, (_, c) in zip(meds, points)]
+            hi = [max(c["speedup"]) - m for m, (_, c) in zip(meds, points)]
+            ax.errorbar([b for b, _ in points], meds, yerr=[lo, hi], marker="o", capsize=3,
+                        label=f"{family} (best)")
+        ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("batch (max_num_seqs)")
-        ax.set_ylabel("speedup over no speculation")
-        mode = "greedy" if temperature == 0 else f"temperature {temperature}"
-        ax.set_title(f"Spec-Bench, embedded models, {mode}")
-        ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        path = RESULTS / f"spec_bench{'_quick' if args.quick else ''}_speedup_t{temperature:g}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        paths.append(path)
-    return paths
+        ax.set_xlabel("batch (max_num_seqs; 3b prompts at once)")
+        ax.set_ylabel("speedup over plain decoding")
+        ax.set_title("greedy" if temperature == 0 else f"temperature {temperature}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="small grid, <= 5 minutes")
-    p.add_argument("--prompts-per-category", type=int, default=None)
-    p.add_argument("--prompt-tokens", type=int, default=256)
-    p.add_argument("--max-tokens", type=int, default=None)
-    p.add_argument("--gammas", type=int, nargs="+", default=None)
-    p.add_argument("--steps", type=int, nargs="+", default=None)
-    p.add_argument("--batches", type=int, nargs="+", default=None)
-    p.add_argument("--temperatures", type=float, nargs="+", default=None)
-    p.add_argument("--ar-gamma", type=int, default=4)
-    p.add_argument("--ngram-gamma", type=int, default=4)
-    p.add_argument("--no-adaptive", action="store_true")
-    args = p.parse_args()
-    defaults = (dict(prompts_per_category=2, max_tokens=48, gammas=[8], steps=[2],
-                     batches=[1, 32], temperatures=[0.0]) if args.quick else
-                dict(prompts_per_category=4, max_tokens=48, gammas=[4, 8, 16], steps=[1, 2, 4],
-                     batches=[1, 8, 32], temperatures=[0.0, 1.0]))
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small grid, under 5 minutes")
+    ap.add_argument("--batches", type=int, nargs="+", default=None)
+    ap.add_argument("--temperatures", type=float, nargs="+", default=None)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-tokens", type=int, default=None)
+    ap.add_argument("--prompt-tokens", type=int, default=256)
+    ap.add_argument("--no-lengths", action="store_true", help="skip the output-length sweep")
+    ap.add_argument("--max-engines", type=int, default=6,
+                    help="engines alive at once (memory); more methods run in several groups")
+    args = ap.parse_args()
+    if args.repeats < 3:
+        ap.error("--repeats must be at least 3 (a median and a range need three)")
     prepare_process(quiet=True)
-    from tqdm import tqdm
+    args.batches = args.batches or ([1, 8] if args.quick else [1, 8, 32])
+    args.temperatures = args.temperatures or ([0.0] if args.quick else [0.0, 1.0])
+    args.max_tokens = args.max_tokens or (64 if args.quick else 128)
+    started = time.time()
     from transformers import AutoTokenizer
 
-    started = time.time()
-    tok = AutoTokenizer.from_pretrained(str(EMBEDDED_TARGET))
-    prompts = load_prompts(tok, args.prompts_per_category, args.prompt_tokens)
-    categories = list(dict.fromkeys(cat for cat, _ in prompts))
-    methods = methods_for(args)
-    total = len(methods) * len(args.batches) * len(args.temperatures) * len(prompts)
-    cells: list[Cell] = []
-    with tqdm(total=total, unit="prompt", desc="spec-bench") as progress:
-        for method in methods:
-            cells += run_method(method, prompts, args, progress)
-    report = write_report(cells, args, categories, started)
-    plots = plot(cells, args)
-    print(report.read_text())
-    print("wrote", report, *plots)
+    tokenizer = AutoTokenizer.from_pretrained(str(EMBEDDED_TARGET))
+    prompts = load_prompts(tokenizer, args.prompt_tokens)
+    methods = grid(args.quick)
+    log = lambda msg: print(f"[{(time.time() - started) / 60:5.1f} min] {msg}", flush=True)  # noqa: E731
+    env = environment("spec_bench.py", sys.argv[1:])
+    cells = run_grid(methods, prompts, args.batches, args.temperatures, args.repeats,
+                     args.max_tokens, log, args.max_engines)
+    length_cells = []
+    if not args.quick and not args.no_lengths and 0.0 in args.temperatures:
+        # The best of each family at batch 1, greedy, against plain decoding.
+        contenders = [NONE] + [next(m for m in methods if m.name == best_of(cells, f, min(args.batches), 0.0)["method"])
+                               for f in FAMILIES]
+        stories = [ids for cat, ids in prompts if cat == "tinystories"][:3]
+        longest = MAX_MODEL_LEN - max(len(p) for p in stories) - 1
+        log(f"output lengths 64 / 256 / {longest}: {', '.join(m.name for m in contenders)}")
+        length_cells = run_lengths(contenders, stories, [64, 256, longest], args.repeats, log)
+    stem = "spec_bench_quick" if args.quick else "spec_bench"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    minutes = (time.time() - started) / 60
+    (RESULTS / f"{stem}.md").write_text(report(cells, length_cells, env, args, minutes))
+    profiles = [{"method": c["family"], "name": c["method"], "batch": c["batch"],
+                 "temperature": c["temperature"], "tau": c["tau"], "per_position": c["per_position"]}
+                for c in cells if c["tau"] is not None]
+    (RESULTS / f"{stem}.json").write_text(json.dumps(
+        {**env, "settings": vars(args), "cells": cells, "lengths": length_cells,
+         "profiles": profiles}, indent=1) + "\n")
+    plot(cells, RESULTS / f"{stem}.png")
+    log(f"wrote {RESULTS / stem}.md/.json/.png")
 
 
 if __name__ == "__main__":

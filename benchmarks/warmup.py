@@ -1,12 +1,12 @@
-"""Warm-up: does the diffusion drafter need help on the first tokens of a request?
+"""Warm-up drafting for the first tokens of a request: which drafter, if any.
 
-SpecDiff drafts a request's first few tokens with standard speculation because a
-diffusion drafter is weak on very short contexts. This measures it for our
-drafter, through vLLM at batch 1, on held-out TinyStories prompts cut to a few
-tokens: specdiff throughout, versus the first N tokens drafted by vLLM's n-gram
-proposer or not drafted at all. Greedy; outputs must match plain decoding.
+The MDLM drafter is weak on very short contexts. This measures, through vLLM on the
+embedded pair at batch 1, greedy, with prompts cut to a few tokens: no speculation,
+specdiff from the first token, and the first N tokens drafted by vLLM's n-gram
+proposer or not drafted at all (then specdiff). Engines live in their own processes
+and run interleaved, --repeats rounds (the protocol of spec_bench.py).
 
-    python benchmarks/warmup.py [--prompts 16 --prompt-tokens 4 --max-tokens 48]
+    python benchmarks/warmup.py [--prompts 16 --prompt-tokens 4 --max-tokens 48 --warmup-tokens 8]
 
 Writes benchmarks/results/warmup.md.
 """
@@ -21,13 +21,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vllm_specdiff.runtime import (EMBEDDED_DRAFTER, EMBEDDED_TARGET, HELD_OUT_TEXT,  # noqa: E402
-                                   prepare_process, timed_generation)
-
-
-def run(prompts, params, spec):
-    outputs, tps, stats = timed_generation(prompts, params, 1, spec)
-    return [list(o.outputs[0].token_ids) for o in outputs], tps, stats
+from benchmarks.spec_bench import (NONE, RESULTS, Engines, environment, fmt,  # noqa: E402
+                                   run_rounds, specdiff, speedup_cell, summarise, tau_cell)
+from vllm_specdiff.runtime import EMBEDDED_TARGET, HELD_OUT_TEXT, prepare_process  # noqa: E402
 
 
 def main() -> None:
@@ -38,42 +34,45 @@ def main() -> None:
     p.add_argument("--warmup-tokens", type=int, default=8)
     p.add_argument("--gamma", type=int, default=8)
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     prepare_process(quiet=True)
     from transformers import AutoTokenizer
-    from vllm import SamplingParams
 
     from vllm_specdiff.training.data import held_out_prompts
 
     tok = AutoTokenizer.from_pretrained(str(EMBEDDED_TARGET))
-    prompts = held_out_prompts(tok, HELD_OUT_TEXT, n=args.prompts,
-                               prompt_tokens=args.prompt_tokens)
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
-    base = {"method": "specdiff", "model": str(EMBEDDED_DRAFTER), "adaptive": False,
-            "num_speculative_tokens": args.gamma, "diffusion_steps": args.steps}
-    configs = [("no speculation", None), ("specdiff from the first token", base)]
+    prompts = held_out_prompts(tok, HELD_OUT_TEXT, n=args.prompts, prompt_tokens=args.prompt_tokens)
+    fixed = dict(adaptive=False)
+    methods = [NONE, specdiff(args.gamma, args.steps, warmup_tokens=0, **fixed)]
     for method in ("ngram", "none"):
-        configs.append((f"first {args.warmup_tokens} tokens: {method}",
-                        {**base, "warmup_tokens": args.warmup_tokens, "warmup_method": method}))
-    started, rows, base_tps, reference = time.time(), [], None, None
-    for name, spec in configs:
-        tokens, tps, stats = run(prompts, params, spec)
-        if base_tps is None:
-            base_tps, reference = tps, tokens
-        tau = f"{stats.mean_accepted_length:.2f}" if stats.drafts else "-"
-        rows.append(f"| {name} | {tps:.0f} | {tps / base_tps:.2f}x | {tau} | "
-                    f"{'yes' if tokens == reference else 'NO'} |")
-        print(rows[-1], flush=True)
-    out = ROOT / "benchmarks" / "results" / "warmup.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
+        methods.append(specdiff(args.gamma, args.steps, warmup_tokens=args.warmup_tokens,
+                                warmup_method=method, **fixed))
+    env = environment("warmup.py", sys.argv[1:])
+    started = time.time()
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    engines = Engines(methods, 1)
+    try:
+        runs = run_rounds(engines, methods, prompts, args.max_tokens, 0.0, args.repeats, log, "b=1")
+    finally:
+        engines.close()
+    rows = []
+    for c in summarise(methods, runs, 1, 0.0):
+        same = "-" if c["method"] == "none" else ("yes" if c["same_as_plain"] else "NO")
+        rows.append(f"| {c['method']} | {fmt(c['tokens_per_s'])} | {speedup_cell(c)} | "
+                    f"{tau_cell(c)} | {same} |")
+    out = RESULTS / "warmup.md"
     out.write_text("\n".join([
         "# Warm-up drafting for the first tokens of a request", "",
-        f"Command: `python benchmarks/warmup.py {' '.join(sys.argv[1:])}`  ",
-        f"{args.prompts} held-out TinyStories prompts cut to {args.prompt_tokens} tokens, "
-        f"{args.max_tokens} greedy tokens each, batch 1, gamma={args.gamma}, T={args.steps}, "
-        f"adaptive off; {(time.time() - started) / 60:.1f} min.", "",
-        "| drafting | tokens/s | vs no speculation | mean accepted length | output = plain |",
-        "|---|---|---|---|---|", *rows, ""]))
+        f"Command: `{env['command']}`  ", f"Commit: {env['commit']}  ",
+        f"Date: {env['date']}; {env['cpu']}, {env['cores']} cores; "
+        f"{(time.time() - started) / 60:.1f} min  ",
+        f"{args.prompts} held-out TinyStories prompts cut to {args.prompt_tokens} tokens, all submitted "
+        f"at once to engines with max_num_seqs 1; {args.max_tokens} greedy tokens each; "
+        f"{args.repeats} interleaved repeats, median [min-max]; `~`: range straddles 1.0.", "",
+        "| method (settings below) | tokens/s | vs no speculation | mean accepted length | output = plain |",
+        "|---|---|---|---|---|", *rows, "", "Settings:", "",
+        *[f"- `{m.name}`: `{m.speculative_config}`" for m in methods], ""]))
     print("wrote", out)
 
 
