@@ -18,65 +18,12 @@ the drafts are drawn at 1) and must be rejected with a margin: p < ALPHA / 100.
 
 from __future__ import annotations
 
-import collections
-
 import pytest
 import torch
 from conftest import DRAFTER, TARGET, close_engine, engine_kwargs
+from exactness import ALPHA, NUM_SAMPLES, PROMPT, pvalues
 
 pytestmark = pytest.mark.slow
-
-PROMPT = "Once upon a time, there was a little"
-NUM_SAMPLES = 6000
-ALPHA = 1e-3
-MIN_EXPECTED = 5.0
-
-
-def exact_joint(prompt: str, prefixes) -> dict[tuple[int, ...], float]:
-    """p(prefix) * p(next | prefix) for every observed prefix (tuples of generated
-    tokens, all of one length) and every next token."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(TARGET))
-    model = AutoModelForCausalLM.from_pretrained(str(TARGET), dtype=torch.float32).eval()
-    ids = tok(prompt, return_tensors="pt").input_ids
-    prefixes = sorted(prefixes)
-    k = len(prefixes[0])
-    suffix = torch.tensor(prefixes, dtype=torch.long).reshape(len(prefixes), k)
-    with torch.no_grad():
-        batch = torch.cat([ids.repeat(len(prefixes), 1), suffix], dim=1)
-        logp = torch.log_softmax(model(batch).logits.double(), -1)
-    n = ids.shape[1]  # logits row n - 1 + j predicts generated token j
-    joint = {}
-    for row, prefix in enumerate(prefixes):
-        logp_prefix = sum(float(logp[row, n - 1 + j, t]) for j, t in enumerate(prefix))
-        nxt = torch.exp(logp[row, n - 1 + k] + logp_prefix)
-        for t in torch.nonzero(nxt > 1e-12).flatten().tolist():
-            joint[(*prefix, t)] = float(nxt[t])
-    return joint
-
-
-def chi_square_pvalue(counts: collections.Counter, probs: dict, n: int) -> tuple[float, int]:
-    """Cells with expected count >= MIN_EXPECTED stand alone; the rest (and all
-    mass of t1 values never observed) is pooled into one 'other' cell."""
-    stat, cells = 0.0, 0
-    other_obs, other_exp = n, n * 1.0
-    for cell, p in probs.items():
-        expected = n * p
-        if expected >= MIN_EXPECTED:
-            observed = counts.get(cell, 0)
-            stat += (observed - expected) ** 2 / expected
-            other_obs -= observed
-            other_exp -= expected
-            cells += 1
-    if other_exp >= MIN_EXPECTED:
-        stat += (other_obs - other_exp) ** 2 / other_exp
-        cells += 1
-    dof = cells - 1
-    pvalue = float(torch.special.gammaincc(torch.tensor(dof / 2.0, dtype=torch.float64),
-                                           torch.tensor(stat / 2.0, dtype=torch.float64)))
-    return pvalue, dof
-
 
 @pytest.fixture(scope="module")
 def llm():
@@ -99,16 +46,6 @@ def sample(llm, n=NUM_SAMPLES, prompt=PROMPT) -> list[tuple[int, ...]]:
     params = SamplingParams(temperature=1.0, max_tokens=4, ignore_eos=True)
     outs = llm.generate([prompt] * n, params, use_tqdm=False)
     return [tuple(o.outputs[0].token_ids[:3]) for o in outs]
-
-
-def pvalues(samples, prompt=PROMPT) -> list[tuple[float, int]]:
-    """Chi-square p-value and degrees of freedom for (t1, t2) and (t1, t2, t3)."""
-    out = []
-    for depth in (2, 3):
-        counts = collections.Counter(s[:depth] for s in samples)
-        probs = exact_joint(prompt, {c[:-1] for c in counts})
-        out.append(chi_square_pvalue(counts, probs, len(samples)))
-    return out
 
 
 def test_token_distribution_is_exactly_the_targets(llm):

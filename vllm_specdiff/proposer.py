@@ -85,6 +85,7 @@ class SpecDiffProposer:
         self.drafter: DiffusionDrafter | None = None
         self.adaptive = AdaptiveDraftLength(self.config.gamma, enabled=self.config.adaptive)
         self.ngram = None
+        self.tp_group = None  # vLLM's tensor-parallel group when it has more than one rank
         self._draft_generators: dict[str, torch.Generator] = {}
         self._last_step: tuple[int, int, float] | None = None  # (draft_len, batch, start)
 
@@ -105,6 +106,10 @@ class SpecDiffProposer:
         )
         if self.config.warmup_tokens and self.config.warmup_method == "ngram":
             self.ngram = make_ngram_proposer(self.vllm_config, self.config.gamma)
+        if self.vllm_config.parallel_config.tensor_parallel_size > 1:
+            from vllm.distributed import get_tp_group
+
+            self.tp_group = get_tp_group()
         logger.info(
             "specdiff: drafter %s (%.1fM params, %s) gamma=%d T=%d schedule=%s W=%d adaptive=%s",
             self.config.drafter_path, model.num_parameters() / 1e6, dtype, self.config.gamma,
@@ -139,7 +144,7 @@ class SpecDiffProposer:
         plan = plan_rows(sampled_token_ids, num_tokens_no_spec,
                          None if input_batch is None else input_batch.num_prompt_tokens,
                          self.max_model_len, warmup)
-        draft_len = self.adaptive.next_draft_len(plan.batch)
+        draft_len = self._agreed_draft_len(plan.batch)
         self._last_step = (draft_len, plan.batch, now)
         token_ids: list[list[int]] = [[] for _ in sampled_token_ids]
         generators = self._generators(input_batch)
@@ -164,6 +169,15 @@ class SpecDiffProposer:
         return Proposal(token_ids, self._draft_probs(draft, mdlm_rows, temps, token_ids))
 
     # -- helpers ---------------------------------------------------------------
+
+    def _agreed_draft_len(self, batch: int) -> int:
+        """Every tensor-parallel rank runs this proposer on the same inputs; everything
+        else it does is deterministic or seeded alike, but adaptive draft lengths follow
+        a clock. Rank 0's choice is broadcast, so all ranks draft the same tokens and q."""
+        if self.tp_group is None or not self.adaptive.enabled:
+            return self.adaptive.next_draft_len(batch)
+        mine = self.adaptive.next_draft_len(batch) if self.tp_group.rank_in_group == 0 else None
+        return self.tp_group.broadcast_object(mine, src=0)
 
     def _draft_probs(self, draft: Draft, mdlm_rows: list[int], temps: list[float],
                      token_ids: list[list[int]]) -> torch.Tensor | None:
