@@ -7,7 +7,8 @@ One server per method (none, specdiff, ngram, draft_model) on 127.0.0.1, all sta
 first (each with --max-num-seqs 32); then, for each repeat and concurrency, `vllm bench
 serve` runs against each server in turn (interleaved), on the Spec-Bench file with each
 prompt cut to its last 256 target tokens (the embedded target has a 512-token context),
-128 output tokens (ignore_eos), 3 x concurrency prompts (at least 8), no chat template.
+128 greedy output tokens (ignore_eos), 3 x concurrency prompts (at least 8), no chat
+template.
 Reported per method and concurrency (median [min-max] over repeats): output tokens/s,
 requests/s, TTFT and TPOT/ITL p50 and p99. ngram and draft_model use their best gamma at
 batch 1 greedy from benchmarks/results/spec_bench.json when it exists (else 4); specdiff
@@ -110,10 +111,14 @@ def bench(server: Server, dataset: Path, concurrency: int, output_len: int, resu
            "--dataset-name", "spec_bench", "--dataset-path", str(dataset),
            "--spec-bench-output-len", str(output_len), "--num-prompts", str(num_prompts),
            "--max-concurrency", str(concurrency), "--ignore-eos", "--skip-chat-template",
+           "--temperature", "0",
            "--percentile-metrics", "ttft,tpot,itl", "--metric-percentiles", "50,99",
            "--num-warmups", "2", "--seed", "0", "--disable-tqdm", "--save-result",
            "--result-dir", str(result.parent), "--result-filename", result.name]
-    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"vllm bench serve failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n"
+                           f"{proc.stderr[-3000:]}")
     data = json.loads(result.read_text())
     return {k: data.get(k) for k in METRICS} | {"completed": data.get("completed"),
                                                  "num_prompts": num_prompts}
@@ -125,7 +130,7 @@ def report(rows: list[dict], env: dict, args, methods) -> str:
              f"Command: `{env['command']}`  ",
              f"Commit: {env['commit']}  ", f"Date: {env['date']}  ",
              f"Machine: {env['cpu']}, {env['cores']} cores; vLLM {env['vllm']} (CPU), float32  ",
-             f"Workload: Spec-Bench prompts (last {args.prompt_tokens} tokens), {args.output_len} output "
+             f"Workload: Spec-Bench prompts (last {args.prompt_tokens} tokens), {args.output_len} greedy output "
              f"tokens (ignore_eos), 3 x concurrency prompts (at least 8), {args.repeats} interleaved "
              "repeats; servers with --max-num-seqs 32. Cells: median [min-max].", ""]
     for concurrency in concurrencies:
