@@ -46,8 +46,8 @@ class SpecDiffConfig(NamedTuple):
     draft_temperature: float | None = None
     # Choose each step's draft length from measured goodput (adaptive.py); 0 = no drafting.
     adaptive: bool = True
-    # The first N generated tokens of a request are drafted by `warmup_method`: the
-    # drafter is weak on very short contexts.
+    # The first N generated tokens of a request are drafted by `warmup_method` (meant
+    # for very short contexts; benchmarks/results/warmup.md compares the choices).
     warmup_tokens: int = 8
     # none (no speculation) | ngram (prompt lookup) | specdiff, for warm-up tokens.
     warmup_method: str = "ngram"
