@@ -283,48 +283,49 @@ def graphed_pass(run: Run, model, batch: int, window: int, gamma: int) -> None:
 
 # -- 5-6. target and AR drafter ---------------------------------------------------------------
 
-def gpt2(run: Run, fields: dict):
+def gpt2(run: Run, section: str, fields: dict):
+    """A random-init GPT-2 of the given shape, recorded as ``<section>_model``."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
     config = GPT2Config(**fields, attn_implementation="sdpa")
-    return GPT2LMHeadModel(config).to(device=run.device, dtype=run.dtype).eval().requires_grad_(False)
+    model = GPT2LMHeadModel(config).to(device=run.device, dtype=run.dtype).eval().requires_grad_(False)
+    run.record(f"{section}_model", params=sum(p.numel() for p in model.parameters()),
+               dtype=str(run.dtype), **fields)
+    return model
 
 
-def prefilled(run: Run, model, batch: int, context: int):
-    """A KV cache holding `context` random tokens per request, and the last token."""
+def prefilled_grid(run: Run, model, section: str):
+    """(context, batch, KV cache holding `context` random tokens per request, the last
+    token) over the grid; stops when the run is out of time."""
     from transformers import DynamicCache
 
-    ids = torch.randint(0, model.config.vocab_size, (batch, context + 1), device=run.device)
-    cache = DynamicCache()
-    with torch.inference_mode():
-        model.transformer(input_ids=ids[:, :-1], past_key_values=cache, use_cache=True)
-    return cache, ids[:, -1:]
+    for context in run.grid.contexts:
+        for batch in run.grid.batches:
+            if run.out_of_time(f"{section} ctx={context} b={batch}"):
+                return
+            ids = torch.randint(0, model.config.vocab_size, (batch, context + 1), device=run.device)
+            cache = DynamicCache()
+            model.transformer(input_ids=ids[:, :-1], past_key_values=cache, use_cache=True)
+            yield context, batch, cache, ids[:, -1:]
+            del cache  # one grid point's cache alive at a time
 
 
 def run_target(run: Run) -> None:
-    model = gpt2(run, run.grid.target)
-    run.record("target_model", params=sum(p.numel() for p in model.parameters()), dtype=str(run.dtype),
-               **run.grid.target)
+    model = gpt2(run, "target", run.grid.target)
     new_tokens = [1] + [g + 1 for g in run.grid.gammas]
     with torch.inference_mode():
-        for context in run.grid.contexts:
-            for batch in run.grid.batches:
-                if run.out_of_time(f"target ctx={context} b={batch}"):
-                    return
-                cache, last = prefilled(run, model, batch, context)
-                for n in new_tokens:
-                    ids = last.expand(batch, n).contiguous()
-                    ms = run.time_ms(lambda: model(input_ids=ids, past_key_values=cache, use_cache=True),
-                                     before=lambda: cache.crop(context))
-                    run.record("target", batch=batch, context=context, new_tokens=n, ms=ms)
-                del cache
+        for context, batch, cache, last in prefilled_grid(run, model, "target"):
+            for n in new_tokens:
+                ids = last.expand(batch, n).contiguous()
+                ms = run.time_ms(lambda: model(input_ids=ids, past_key_values=cache, use_cache=True),
+                                 before=lambda: cache.crop(context))
+                run.record("target", batch=batch, context=context, new_tokens=n, ms=ms)
+            del cache
 
 
 def run_ar(run: Run) -> None:
-    model = gpt2(run, run.grid.ar)
-    run.record("ar_model", params=sum(p.numel() for p in model.parameters()), dtype=str(run.dtype),
-               **run.grid.ar)
+    model = gpt2(run, "ar", run.grid.ar)
 
     def propose(cache, last, gamma):
         token = last
@@ -334,16 +335,11 @@ def run_ar(run: Run) -> None:
         return token
 
     with torch.inference_mode():
-        for context in run.grid.contexts:
-            for batch in run.grid.batches:
-                if run.out_of_time(f"ar ctx={context} b={batch}"):
-                    return
-                cache, last = prefilled(run, model, batch, context)
-                for gamma in run.grid.gammas:
-                    ms = run.time_ms(lambda: propose(cache, last, gamma),
-                                     before=lambda: cache.crop(context))
-                    run.record("ar", batch=batch, context=context, gamma=gamma, ms=ms)
-                del cache
+        for context, batch, cache, last in prefilled_grid(run, model, "ar"):
+            for gamma in run.grid.gammas:
+                ms = run.time_ms(lambda: propose(cache, last, gamma), before=lambda: cache.crop(context))
+                run.record("ar", batch=batch, context=context, gamma=gamma, ms=ms)
+            del cache
 
 
 # -- environment and summary -------------------------------------------------------------------

@@ -298,9 +298,10 @@ def run_lengths(methods, prompts, lengths, repeats, log) -> list[dict]:
 
 # -- report -------------------------------------------------------------------------------
 
-def fmt(values, unit="") -> str:
+def fmt(values) -> str:
+    """Tokens/s as median [min-max]."""
     med, lo, hi = median_range(values)
-    return f"{med:.0f}{unit} [{lo:.0f}-{hi:.0f}]" if unit == "" else f"{med:.2f}{unit} [{lo:.2f}-{hi:.2f}]"
+    return f"{med:.0f} [{lo:.0f}-{hi:.0f}]"
 
 
 def speedup_cell(cell) -> str:
