@@ -159,3 +159,25 @@ def test_same_seed_same_weights(tmp_path, corpus):
         runs[name] = _weights(out)
     assert _same(runs["a"], runs["b"])
     assert not _same(runs["a"], runs["c"])
+
+
+def test_init_from_grows_a_model_without_changing_its_outputs(tmp_path, corpus, target):
+    """--init-from: a deeper, longer GPT-2 grown from a trained one computes the same
+    logits (repeated layers start as identity blocks), then trains on from there."""
+    from transformers import GPT2LMHeadModel
+
+    from vllm_specdiff.training.target import gpt2_config, grow_from
+
+    source = GPT2LMHeadModel.from_pretrained(target).eval()
+    grown = GPT2LMHeadModel(gpt2_config(300, 3, 32, 2, 128, 0)).eval()
+    grow_from(grown, source)
+    ids = torch.randint(0, 300, (2, 64))
+    torch.testing.assert_close(grown(input_ids=ids).logits, source(input_ids=ids).logits)
+    with pytest.raises(SystemExit, match="n_embd"):
+        grow_from(GPT2LMHeadModel(gpt2_config(300, 3, 64, 2, 128, 0)), source)
+
+    out = tmp_path / "grown"
+    assert main(["target", "--corpus", str(corpus), str(corpus), "--out", str(out),
+                 "--max-steps", "2", "--init-from", str(target), "--tokenizer", str(target),
+                 *TINY_TARGET, "--n-layer", "3"]) == 0  # the last --n-layer wins
+    assert json.loads((out / "config.json").read_text())["n_layer"] == 3

@@ -60,12 +60,52 @@ def perplexity(model, stream: torch.Tensor, block: int, device, max_tokens: int 
     return math.exp(total / count)
 
 
+@torch.no_grad()
+def grow_from(model, source) -> None:
+    """Copy ``source``'s weights into ``model``, a GPT-2 of the same width and vocabulary
+    with at least as many layers and positions, so that ``model`` computes what
+    ``source`` computes.
+
+    Extra layers: new layer i copies source layer i * n_src // n_new (so every source
+    layer appears, in order) and a repeated copy has its two output projections zeroed:
+    a residual block whose output is zero is the identity, so the grown model's
+    function is the source's, and training starts from the source's perplexity
+    instead of from a perturbed network. Extra positions repeat the source's
+    position table (row j takes source row j mod n_src), a start that training at the
+    longer block size then corrects.
+    """
+    src_cfg, cfg = source.config, model.config
+    for name in ("n_embd", "n_head", "vocab_size"):
+        if getattr(src_cfg, name) != getattr(cfg, name):
+            raise SystemExit(f"--init-from: {name} is {getattr(src_cfg, name)} there and "
+                             f"{getattr(cfg, name)} here; only n_layer and n_positions may grow")
+    if cfg.n_layer < src_cfg.n_layer or cfg.n_positions < src_cfg.n_positions:
+        raise SystemExit(f"--init-from: the new model ({cfg.n_layer} layers, "
+                         f"{cfg.n_positions} positions) must be at least as deep and long as "
+                         f"the source ({src_cfg.n_layer}, {src_cfg.n_positions})")
+    model.transformer.wte.weight.copy_(source.transformer.wte.weight)
+    model.transformer.ln_f.load_state_dict(source.transformer.ln_f.state_dict())
+    src_pos = source.transformer.wpe.weight
+    rows = torch.arange(cfg.n_positions) % src_cfg.n_positions
+    model.transformer.wpe.weight.copy_(src_pos[rows])
+    seen = set()
+    for i, block in enumerate(model.transformer.h):
+        j = i * src_cfg.n_layer // cfg.n_layer
+        block.load_state_dict(source.transformer.h[j].state_dict())
+        if j in seen:
+            for proj in (block.attn.c_proj, block.mlp.c_proj):
+                proj.weight.zero_()
+                proj.bias.zero_()
+        seen.add(j)
+
+
 def add_args(p) -> None:
     common.add_common_args(p)
-    p.add_argument("--corpus", required=True, help="training text (stories split on <|endoftext|>)")
+    p.add_argument("--corpus", required=True, nargs="+",
+                   help="training text file(s) (stories split on <|endoftext|>), concatenated")
     p.add_argument("--valid", default=None, help="held-out text for perplexity")
     p.add_argument("--tokenizer", default=None,
-                   help="tokenizer folder (default: train a byte-level BPE on --corpus)")
+                   help="tokenizer folder (default: train a byte-level BPE on the first --corpus)")
     p.add_argument("--vocab-size", type=int, default=4096, help="BPE size when training one")
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--n-embd", type=int, default=256)
@@ -74,6 +114,10 @@ def add_args(p) -> None:
     p.add_argument("--block-size", type=int, default=256, help="training sequence length")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--init-from", default=None,
+                   help="start from this GPT-2 folder's weights instead of a random init; "
+                        "a deeper or longer model is grown from it without changing its "
+                        "outputs (see grow_from)")
     p.set_defaults(batch_size=16)
 
 
@@ -88,14 +132,18 @@ def run(args) -> dict:
     if args.tokenizer:
         tok = load_tokenizer(args.tokenizer)
     else:
-        tok = train_tokenizer(args.corpus, str(Path(args.out) / "tokenizer_tmp"),
+        tok = train_tokenizer(args.corpus[0], str(Path(args.out) / "tokenizer_tmp"),
                               vocab_size=args.vocab_size, model_max_length=args.n_positions)
     tok.model_max_length = args.n_positions
-    stream = token_stream(tok, read_stories(args.corpus))
-    print(f"[target] corpus {args.corpus}: {len(stream)} tokens, vocab {len(tok)}")
+    stream = token_stream(tok, [s for path in args.corpus for s in read_stories(path)])
+    print(f"[target] corpus {' + '.join(args.corpus)}: {len(stream)} tokens, vocab {len(tok)}")
     cfg = gpt2_config(len(tok), args.n_layer, args.n_embd, args.n_head, args.n_positions,
                       tok.eos_token_id, args.dropout)
-    model = GPT2LMHeadModel(cfg).to(device)
+    model = GPT2LMHeadModel(cfg)
+    if args.init_from and not (args.resume and common.checkpoint_path(args.out).exists()):
+        grow_from(model, GPT2LMHeadModel.from_pretrained(args.init_from, dtype=torch.float32))
+        print(f"[target] initialised from {args.init_from}")
+    model = model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"[target] GPT-2 {args.n_layer}x{args.n_embd}: {n_params / 1e6:.2f} M parameters")
     gen = torch.Generator().manual_seed(args.seed)
