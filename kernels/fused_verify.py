@@ -17,7 +17,8 @@ For request ``i``, walking ``j = 0 .. n_i - 1`` with ``p_j = softmax(row j)``:
   the smallest ``v`` with ``cumsum(r)[v] > U_i * sum(r)`` (inverse CDF with the
   request's single uniform ``U_i``; if ``sum(r) == 0``, which only happens by
   rounding, ``r = p_j``).  ``q_j = one-hot(x_j)`` when no draft probabilities are
-  given (n-gram style drafts), i.e. ``r = p_j`` with ``x_j``'s entry zeroed.
+  given, or for a request marked as a point mass in the sparse layout (greedy,
+  n-gram style and non-exact drafts), i.e. ``r = p_j`` with ``x_j``'s entry zeroed.
 * all drafts accepted: emit the bonus token -- ``bonus_token_ids[i]`` if given,
   else drawn from the bonus row ``p_{n_i}`` (greedy: argmax; sampled: inverse CDF
   with ``U_i``).
@@ -130,16 +131,15 @@ def _row_argmax(row_ptr, V, BLOCK_V: tl.constexpr):
 @triton.jit
 def _residual_block(logit_row_ptr, q_row_ptr, idx, mask, m_safe, s, x, q_limit, HAS_Q: tl.constexpr):
     """r = max(0, p - q) on one block.  The subtracted q is encoded so that it vanishes
-    for the plain-p case: q is read only where idx < q_limit (V, or 0 for "no q"), and
-    without draft probs q = one-hot(x) with x = -1 for "no q"."""
+    for the plain-p case: q is read only where idx < q_limit (the q row's width, or 0
+    for "no q row"), and a point mass q = one-hot(x) is x >= 0 (x = -1: no point mass)."""
     lg = tl.load(logit_row_ptr + idx, mask=mask, other=float("-inf")).to(tl.float32)
     p = tl.exp(lg - m_safe) / s
+    r = p
     if HAS_Q:
         q = tl.load(q_row_ptr + idx, mask=idx < q_limit, other=0.0).to(tl.float32)
         r = tl.maximum(p - q, 0.0)
-    else:
-        r = tl.where(idx == x, 0.0, p)
-    return r
+    return tl.where(idx == x, 0.0, r)
 
 
 @triton.jit
@@ -155,12 +155,14 @@ def _residual_sum(logit_row_ptr, q_row_ptr, V, m_safe, s, x, q_limit, HAS_Q: tl.
 
 @triton.jit
 def _sample_residual(
-    logit_row_ptr, q_row_ptr, V, m, s, x, use_q, u, HAS_Q: tl.constexpr, BLOCK_V: tl.constexpr
+    logit_row_ptr, q_row_ptr, V, QV, m, s, x, use_q, row_q, u, HAS_Q: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
-    """Inverse-CDF draw from r = max(0, p - q) (or from p when use_q is False)."""
+    """Inverse-CDF draw from r = max(0, p - q) (or from p when use_q is False); q is the
+    q row (row_q) or the point mass at x."""
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    x = tl.where(use_q, x, -1)
-    q_limit = tl.where(use_q, V, 0)
+    x = tl.where(use_q & (row_q == 0), x, -1)
+    q_limit = tl.where(use_q & (row_q != 0), QV, 0)
     # Pass 1: normaliser.  sum(r) == 0 happens only by rounding -> fall back to p.
     total = _residual_sum(logit_row_ptr, q_row_ptr, V, m_safe, s, x, q_limit, HAS_Q, BLOCK_V)
     if total <= 0.0:
@@ -193,18 +195,22 @@ def _sample_residual(
 def _fused_verify_kernel(
     out_ptr,  # int32 [B, out_stride]  (pre-filled with -1)
     num_accepted_ptr,  # int32 [B]
-    logits_ptr,  # fp32 [N + B, V]
+    logits_ptr,  # fp32 [N + B, V] (BONUS_ROWS) or [N, V]
     draft_ids_ptr,  # int [N]
-    draft_probs_ptr,  # fp32 [N, V]            (unused unless HAS_Q)
+    draft_probs_ptr,  # fp32 q rows [*, QV], row stride q_row_stride (unused unless HAS_Q)
+    q_start_ptr,  # int64 [B]: q row of each request's draft 0; -1 = point mass (HAS_Q)
     cu_ptr,  # int [B + 1]
     is_greedy_ptr,  # bool [B]
     u_accept_ptr,  # fp32/fp64 [N]
     u_sample_ptr,  # fp32/fp64 [B]
     bonus_ids_ptr,  # int [B]                  (unused unless HAS_BONUS)
     V,
+    QV,
+    q_row_stride,
     out_stride,
     HAS_Q: tl.constexpr,
     HAS_BONUS: tl.constexpr,
+    BONUS_ROWS: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     req = tl.program_id(0)
@@ -212,7 +218,13 @@ def _fused_verify_kernel(
     n = (tl.load(cu_ptr + req + 1).to(tl.int64) - start).to(tl.int32)
     greedy = tl.load(is_greedy_ptr + req)
     out_row = out_ptr + req.to(tl.int64) * out_stride
-    first_row = start + req  # logits row of draft position 0 (int64: rows * V may exceed 2^31)
+    # logits row of draft position 0 (int64: rows * V may exceed 2^31)
+    first_row = start + req if BONUS_ROWS else start
+    if HAS_Q:
+        q_first = tl.load(q_start_ptr + req).to(tl.int64)
+    else:
+        q_first = tl.full((), -1, tl.int64)
+    row_q = (q_first >= 0).to(tl.int32)  # this request has q rows; else a point mass
 
     j = tl.zeros((), tl.int32)  # = number of accepted drafts so far
     rejected = tl.zeros((), tl.int32)
@@ -240,7 +252,9 @@ def _fused_verify_kernel(
             m_safe = tl.where(m == float("-inf"), 0.0, m)
             p_x = tl.exp(tl.load(row_ptr + x).to(tl.float32) - m_safe) / s
             if HAS_Q:
-                q_x = tl.load(draft_probs_ptr + (start + j) * V + x).to(tl.float64)
+                q_x = tl.load(draft_probs_ptr + (q_first + j) * q_row_stride + x,
+                              mask=(row_q != 0) & (x < QV), other=0.0).to(tl.float64)
+                q_x = tl.where(row_q != 0, q_x, 1.0)
             else:
                 q_x = tl.full((), 1.0, tl.float64)
             u = tl.load(u_accept_ptr + start + j).to(tl.float64)
@@ -263,8 +277,8 @@ def _fused_verify_kernel(
             u_s = tl.load(u_sample_ptr + req).to(tl.float32)
             token = _sample_residual(
                 logits_ptr + (first_row + j) * V,
-                draft_probs_ptr + (start + j) * V,
-                V, m, s, x, use_q, u_s, HAS_Q, BLOCK_V,
+                draft_probs_ptr + (q_first + j) * q_row_stride,
+                V, QV, m, s, x, use_q, row_q, u_s, HAS_Q, BLOCK_V,
             )
             tl.store(out_row + j, token)
     tl.store(num_accepted_ptr + req, j)
@@ -274,6 +288,28 @@ def default_block_v(vocab_size: int) -> int:
     """BLOCK_V used by :func:`fused_verify` unless overridden (never above next_pow2(V))."""
     block_v = DEFAULT_BLOCK_V_INTERPRET if _interpreting() else DEFAULT_BLOCK_V_GPU
     return min(block_v, max(16, triton.next_power_of_2(vocab_size)))
+
+
+def _check_bonus(bonus_rows: bool, bonus_token_ids) -> None:
+    if not bonus_rows and bonus_token_ids is None:
+        raise ValueError("bonus_rows=False: the logits have no bonus rows, so bonus_token_ids "
+                         "must be given")
+
+
+def _q_layout(draft_probs, q_start, cu_num_draft):
+    """q as 2-D rows [*, QV] (unit column stride) and each request's first q row.
+
+    Dense (``q_start`` None): ``draft_probs`` is [N, QV], one row per draft slot, so
+    request i starts at row cu[i].  Sparse: ``draft_probs`` is [R, L, QV] (or any
+    [*, QV] rows) and ``q_start[i]`` is request i's first row, -1 for a point mass."""
+    if draft_probs is None:
+        return None, None
+    q2d = draft_probs.reshape(-1, draft_probs.shape[-1]) if draft_probs.dim() == 3 else draft_probs
+    if q2d.shape[0] and q2d.stride(-1) != 1:
+        q2d = q2d.contiguous()
+    if q_start is None:
+        q_start = cu_num_draft[:-1].to(torch.int64)
+    return q2d, q_start.to(torch.int64)
 
 
 def _nonempty(t: torch.Tensor) -> torch.Tensor:
@@ -292,12 +328,15 @@ def fused_verify(
     max_spec_len: int,
     bonus_token_ids: torch.Tensor | None = None,
     *,
+    q_start: torch.Tensor | None = None,
+    bonus_rows: bool = True,
     block_v: int | None = None,
     num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton: ONE kernel launch for the whole batch (grid = B programs).
 
     ``max_spec_len`` must be >= every n_i (not checked: that would need a sync).
+    ``q_start`` / ``bonus_rows``: the sparse layouts, see :func:`verify`.
     ``block_v`` / ``num_warps`` override the tuning defaults (tests, benchmarks).
     """
     B = is_greedy.numel()
@@ -312,23 +351,29 @@ def fused_verify(
     if num_warps is None:
         num_warps = DEFAULT_NUM_WARPS_GPU if block_v >= 1024 else 4
     logits = logits.contiguous()
-    has_q = draft_probs is not None
+    _check_bonus(bonus_rows, bonus_token_ids)
+    q2d, q_start = _q_layout(draft_probs, q_start, cu_num_draft)
+    has_q = q2d is not None
     has_bonus = bonus_token_ids is not None
     _fused_verify_kernel[(B,)](
         out,
         num_accepted,
         logits,
         _nonempty(draft_token_ids.contiguous()),
-        _nonempty(draft_probs.contiguous()) if has_q else logits,  # dummy, never read
+        _nonempty(q2d) if has_q else logits,  # dummy, never read
+        q_start.contiguous() if has_q else num_accepted,  # dummy, never read
         cu_num_draft.contiguous(),
         is_greedy.contiguous(),
         _nonempty(uniform_accept.contiguous()),
         uniform_sample.contiguous(),
         bonus_token_ids.contiguous() if has_bonus else num_accepted,  # dummy, never read
         V,
+        q2d.shape[1] if has_q else V,
+        q2d.stride(0) if has_q else V,
         max_spec_len + 1,
         HAS_Q=has_q,
         HAS_BONUS=has_bonus,
+        BONUS_ROWS=bonus_rows,
         BLOCK_V=block_v,
         num_warps=num_warps,
     )
@@ -366,15 +411,30 @@ def _inverse_cdf(r: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return token
 
 
-def _residual_rows(p: torch.Tensor, q: torch.Tensor | None, x: torch.Tensor, use_q: torch.Tensor) -> torch.Tensor:
-    """r = max(0, p - q) per row (q = one-hot(x) if q is None); r = p where not use_q
-    or where the residual sums to 0 (rounding)."""
+def _q_at(q2d: torch.Tensor | None, rows: torch.Tensor, x: torch.Tensor, row_q: torch.Tensor) -> torch.Tensor:
+    """q(x) in float64 per request: from its q row, 0 past the row's width; 1 for a
+    point mass (or when there is no q at all)."""
+    if q2d is None:
+        return torch.ones_like(x, dtype=torch.float64)
+    inside = row_q & (x < q2d.shape[1])
+    q_x = q2d[rows.clamp(min=0), x.clamp(max=q2d.shape[1] - 1)].double()
+    return torch.where(inside, q_x, torch.where(row_q, 0.0, 1.0).double())
+
+
+def _residual_rows(p: torch.Tensor, q: torch.Tensor | None, x: torch.Tensor, use_q: torch.Tensor,
+                   point_mass: torch.Tensor | None = None) -> torch.Tensor:
+    """r = max(0, p - q) per row where use_q; q = one-hot(x) on the ``point_mass`` rows
+    (all rows if q is None); r = p where not use_q or where the residual sums to 0
+    (rounding)."""
     if q is None:
+        point_mass = torch.ones_like(use_q)
         r = p.clone()
-        rows = torch.nonzero(use_q).squeeze(1)
-        r[rows, x[rows]] = 0.0
     else:
-        r = torch.where(use_q[:, None], (p - q).clamp_min(0.0), p)
+        if point_mass is None:
+            point_mass = torch.zeros_like(use_q)
+        r = torch.where((use_q & ~point_mass)[:, None], (p - q).clamp_min(0.0), p)
+    rows = torch.nonzero(use_q & point_mass).squeeze(1)
+    r[rows, x[rows]] = 0.0
     degenerate = r.sum(dim=-1) <= 0
     if bool(degenerate.any()):
         r[degenerate] = p[degenerate]
@@ -416,6 +476,9 @@ def fused_verify_reference(
     uniform_sample: torch.Tensor,
     max_spec_len: int,
     bonus_token_ids: torch.Tensor | None = None,
+    *,
+    q_start: torch.Tensor | None = None,
+    bonus_rows: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain PyTorch, same semantics as :func:`fused_verify`, vectorised over the batch.
 
@@ -429,7 +492,12 @@ def fused_verify_reference(
     is_greedy = is_greedy.to(torch.bool)
     cu, n, req_of_draft, pos_of_draft = _batch_indices(cu_num_draft, B)
     x = draft_token_ids.to(torch.long)
-    first_row = cu[:-1] + torch.arange(B, device=device)  # logits row of draft 0 of each request
+    _check_bonus(bonus_rows, bonus_token_ids)
+    first_row = cu[:-1] + (torch.arange(B, device=device) if bonus_rows else 0)  # row of draft 0
+    q2d, q_first = _q_layout(draft_probs, q_start, cu_num_draft)
+    if q2d is None:
+        q_first = torch.full((B,), -1, dtype=torch.int64, device=device)
+    row_q = q_first >= 0
 
     # The accept walk: `alive` = requests that accepted drafts 0 .. j-1 and have a draft j.
     num_accepted = torch.zeros(B, dtype=torch.long, device=device)
@@ -444,7 +512,7 @@ def fused_verify_reference(
         if s is not None:
             logit_x = rows.gather(1, x[slot][:, None]).squeeze(1).float()
             p_x = torch.exp(logit_x - _safe(m)) / s
-            q_x = draft_probs[slot, x[slot]].double() if draft_probs is not None else 1.0
+            q_x = _q_at(q2d, q_first[alive] + j, x[slot], row_q[alive])
             accept = torch.where(greedy, accept, uniform_accept[slot].double() * q_x < p_x.double())
         num_accepted[alive] += accept.long()
         j += 1
@@ -468,10 +536,13 @@ def fused_verify_reference(
             p = torch.exp(rows - _safe(m)[:, None]) / s[:, None]
             use_q = rejected[reqs]
             slot = (cu[:-1][reqs] + num_accepted[reqs]).clamp(max=max(x.numel() - 1, 0))  # rejected draft
-            if draft_probs is not None and x.numel() > 0:
-                r = _residual_rows(p, draft_probs[slot].float(), None, use_q)
-            else:  # point mass (or no drafts at all: use_q is all False)
-                r = _residual_rows(p, None, x[slot] if x.numel() > 0 else slot, use_q)
+            q = None
+            has = row_q[reqs] & use_q  # rejected at a draft that has a q row
+            if bool(has.any()):
+                q = torch.zeros_like(p)  # the q rows of these requests, 0 past QV
+                q[has, : q2d.shape[1]] = q2d[q_first[reqs][has] + num_accepted[reqs][has]].float()
+            x_rej = x[slot] if x.numel() > 0 else slot
+            r = _residual_rows(p, q, x_rej, use_q, point_mass=~row_q[reqs])
             final_token[reqs] = _inverse_cdf(r, uniform_sample[reqs])
     return _assemble(B, max_spec_len, draft_token_ids, req_of_draft, pos_of_draft, num_accepted, final_token, device)
 
@@ -559,12 +630,24 @@ def verify(
     uniform_sample: torch.Tensor,
     max_spec_len: int,
     bonus_token_ids: torch.Tensor | None = None,
+    *,
+    q_start: torch.Tensor | None = None,
+    bonus_rows: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton on CUDA tensors (or under TRITON_INTERPRET=1 with SPECDIFF_FORCE_TRITON=1), else PyTorch."""
+    """Triton on CUDA tensors (or under TRITON_INTERPRET=1 with SPECDIFF_FORCE_TRITON=1), else PyTorch.
+
+    Layouts. ``logits``: request-major [N + B, V] with each request's bonus row after its
+    draft rows (``bonus_rows=True``), or only the N draft rows (``bonus_rows=False``,
+    which needs ``bonus_token_ids``): the target logits as vLLM hands them over, read
+    in place. ``draft_probs``: dense [N, QV], one q row per draft slot, or sparse with
+    ``q_start``: rows [*, QV] (e.g. the drafter's [R, L, QV] buffer) where request i's
+    draft j reads row ``q_start[i] + j`` and ``q_start[i] = -1`` makes it a point mass
+    (greedy, n-gram and non-exact drafts never materialise a one-hot). QV <= V: q is 0
+    past its width (a padded target vocabulary). Its last stride must be 1."""
     use_triton = logits.is_cuda or (_interpreting() and os.environ.get("SPECDIFF_FORCE_TRITON", "0") == "1")
     fn = fused_verify if use_triton else fused_verify_reference
     return fn(logits, draft_token_ids, draft_probs, cu_num_draft, is_greedy, uniform_accept,
-              uniform_sample, max_spec_len, bonus_token_ids)
+              uniform_sample, max_spec_len, bonus_token_ids, q_start=q_start, bonus_rows=bonus_rows)
 
 
 def bytes_moved(

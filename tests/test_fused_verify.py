@@ -428,14 +428,104 @@ def test_statistics_triton_kernel():
 
 
 # --------------------------------------------------------------------------------------
+# The sparse layouts: q rows only where a request has q, target rows without bonus rows
+# --------------------------------------------------------------------------------------
+
+
+def sparse_of(args, has_q_rows, qv):
+    """The same batch in the sparse layouts: q only for the requests in ``has_q_rows``,
+    stored as the drafter's [R, L, qv + 1] buffer viewed [..., :qv] (a strided view, as
+    the proposer hands it over), the others point masses; logits without bonus rows.
+    Also returns the dense equivalent (one-hot rows for point masses, q zero past qv)."""
+    logits, x, q, cu, greedy, u_acc, u_smp, max_len, bonus = args
+    B, V = len(cu) - 1, logits.shape[1]
+    L = max(max_len, 1)
+    buffer = torch.zeros(len(has_q_rows), L, qv + 1)
+    q_start = torch.full((B,), -1, dtype=torch.long)
+    dense = torch.zeros(int(cu[-1]), V)
+    for r, i in enumerate(has_q_rows):
+        a, b = int(cu[i]), int(cu[i + 1])
+        part = q[a:b, :qv] / q[a:b, :qv].sum(-1, keepdim=True)  # q lives on the first qv ids
+        buffer[r, : b - a, :qv] = part
+        dense[a:b, :qv] = part
+        q_start[i] = r * L
+    for i in range(B):
+        if i not in has_q_rows:
+            a, b = int(cu[i]), int(cu[i + 1])
+            dense[torch.arange(a, b), x[a:b].long()] = 1.0
+    req = torch.repeat_interleave(torch.arange(B), (cu[1:] - cu[:-1]).long())
+    draft_rows = torch.arange(int(cu[-1])) + req
+    bonus = torch.randint(0, V, (B,), generator=torch.Generator().manual_seed(7))
+    x = x.clone()
+    for i in has_q_rows:  # drafts of q rows must come from q: keep them below qv
+        a, b = int(cu[i]), int(cu[i + 1])
+        x[a:b] = x[a:b] % qv
+    sparse = (logits[draft_rows], x, buffer[..., :qv], cu, greedy, u_acc, u_smp, max_len, bonus)
+    dense_args = (logits, x, dense, cu, greedy, u_acc, u_smp, max_len, bonus)
+    return sparse, q_start, dense_args
+
+
+@pytest.mark.parametrize("qv_less", [0, 37])
+def test_sparse_q_equals_dense_one_hot_q(qv_less):
+    """q rows only for some requests, point masses for the others, target rows read in
+    place (no bonus rows): the same tokens as the dense layout with one-hot rows, in the
+    reference and in the kernel."""
+    V, ns = 1000, [3, 0, 5, 2, 4, 1]
+    greedy = [F_, T_, F_, F_, F_, T_]
+    args = make_batch(3, V, ns, greedy, True, True, noise=0.3)
+    sparse, q_start, dense = sparse_of(args, has_q_rows=[0, 4], qv=V - qv_less)
+    want = fused_verify_reference(*dense)
+    got = fused_verify_reference(*sparse, q_start=q_start, bonus_rows=False)
+    assert_same(got, want, "reference sparse vs dense")
+    assert_same(triton_verify(*sparse, q_start=q_start, bonus_rows=False, block_v=256), want,
+                "kernel sparse vs dense")
+    assert int(got[1][4]) < ns[4] or int(got[1][2]) < ns[2]  # some rejection is exercised
+
+
+def test_sparse_layout_statistics_exact():
+    """Point-mass rows beside q rows, q narrower than V: every emitted token still follows p."""
+    V, gamma, draws = 12, 2, 100_000
+    g = torch.Generator().manual_seed(11)
+    p = torch.softmax(torch.randn(V, generator=g) * 1.5, -1)
+    q = torch.softmax(torch.randn(V - 2, generator=g) * 1.5, -1)  # nothing on the last 2 ids
+    B = draws
+    cu = torch.arange(0, (B + 1) * gamma, gamma)
+    logits = p.log().expand(B * gamma, V).contiguous()
+    x = torch.multinomial(q, B * gamma, replacement=True, generator=g)
+    pm = torch.arange(B) % 2 == 1  # odd requests: point masses at an n-gram-like draft
+    pm_x = torch.multinomial(p.flip(0), B * gamma, replacement=True, generator=g)
+    x = torch.where(pm.repeat_interleave(gamma), pm_x, x)
+    buffer = q.expand(B // 2 + 1, gamma, V - 2).contiguous()
+    q_start = torch.where(pm, torch.tensor(-1), (torch.arange(B) // 2) * gamma)
+    out, _ = fused_verify_reference(
+        logits, x, buffer, cu, torch.zeros(B, dtype=torch.bool), torch.rand(B * gamma, generator=g),
+        torch.rand(B, generator=g), gamma, torch.multinomial(p, B, replacement=True, generator=g),
+        q_start=q_start, bonus_rows=False)
+    first = out[:, 0].long()
+    for part in (first[~pm], first[pm]):
+        counts = torch.bincount(part, minlength=V).double()
+        expected = p.double() * len(part)
+        chi2 = float(((counts - expected) ** 2 / expected).sum())
+        assert chi2 < 40.0, chi2  # df = 11: p(chi2 > 40) < 1e-4
+
+
+def test_no_bonus_rows_needs_bonus_ids():
+    args = make_batch(0, 100, [2, 1], [False, True], True, False)
+    logits, x, q, cu, greedy, u_acc, u_smp, max_len, _ = args
+    with pytest.raises(ValueError, match="bonus_token_ids"):
+        fused_verify_reference(logits[:3], x, q, cu, greedy, u_acc, u_smp, max_len, bonus_rows=False)
+
+
+# --------------------------------------------------------------------------------------
 # Dispatch and traffic model
 # --------------------------------------------------------------------------------------
 
 
 def test_verify_dispatch(monkeypatch):
     calls = []
-    monkeypatch.setattr(fv, "fused_verify", lambda *a: calls.append("triton") or fused_verify(*a))
-    monkeypatch.setattr(fv, "fused_verify_reference", lambda *a: calls.append("ref") or fused_verify_reference(*a))
+    monkeypatch.setattr(fv, "fused_verify", lambda *a, **k: calls.append("triton") or fused_verify(*a, **k))
+    monkeypatch.setattr(fv, "fused_verify_reference",
+                        lambda *a, **k: calls.append("ref") or fused_verify_reference(*a, **k))
     args = make_batch(0, 300, [2, 1], [False, True], True, False)
     monkeypatch.delenv("SPECDIFF_FORCE_TRITON", raising=False)
     r1 = verify(*args)
