@@ -1,14 +1,27 @@
-"""The draft length of each step, chosen from measured goodput.
+"""The draft length of each step, chosen from measured step costs and acceptance.
 
 Whether drafting ``draft_len`` tokens pays depends on the acceptance of this drafter on
 this traffic, on the batch size (verification is nearly free at batch 1 and costs real
-compute at batch 32) and on the machine. Rather than model all of that, each candidate
-draft length (0 = no drafting, 1, 2, 4, ..., gamma) is measured where it runs:
-goodput = tokens produced per second of the whole step cycle (drafting, target pass,
-verification, scheduling), an exponential average per batch-size bucket. A new bucket
-measures each candidate briefly, starting next to the best one of the nearest measured
-bucket; then each step uses its bucket's best and now and then re-measures another, so
-the choice follows the traffic.
+compute at batch 32) and on the machine. The controller keeps two small models, both
+learned from the steps it sees:
+
+- **cost**: the wall time of a step cycle (drafting, target pass, verification,
+  scheduling) at each measured draft length, per batch-size bucket; between measured
+  lengths it is interpolated linearly (a step's extra cost grows with the tokens the
+  drafter writes and the target scores);
+- **acceptance**: the probability that draft position i is accepted given that
+  position i - 1 was (from each request's accepted count), shared by all buckets, so
+  the expected tokens of a step at draft length k are 1 + a_1 + a_1 a_2 + ...
+
+The goodput of draft length k is batch * tokens(k) / cost(k). A new bucket measures
+two arms only: 0 (plain decoding, which costs nothing extra to measure) and gamma
+(which shows the acceptance at every position and the most expensive step); every
+other length is then predicted, and each step runs the best one, whose measured cost
+replaces the interpolation once it has run. Every ``probe_every`` steps another arm
+whose goodput is at least plain decoding's is re-measured, so the costs stay current;
+an arm below plain decoding is never run again: once drafting does not pay in a
+bucket, the controller leaves draft length 0 only when the acceptance it keeps
+learning from other buckets predicts a gain.
 
 One input, one output: ``observe(StepOutcome)`` after each decode step, and
 ``next_draft_len(batch)`` before drafting the next one.
@@ -18,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 logger = logging.getLogger("vllm.specdiff")
 
@@ -32,6 +45,7 @@ class StepOutcome:
     draft_len: int  # the draft length chosen for the step
     tokens: int  # tokens the step produced (accepted drafts + one per request)
     seconds: float  # wall time from this step's drafting to the next one's
+    accepted: tuple[int, ...] = ()  # accepted drafts of each request (when known)
 
 
 def candidate_draft_lens(gamma: int) -> list[int]:
@@ -47,9 +61,24 @@ def bucket_of(batch: int) -> int:
     return max(0, (batch - 1).bit_length())
 
 
+@dataclass
+class Arm:
+    """Exponential averages of one draft length in one bucket."""
+
+    seconds: float = 0.0  # step cycle cost
+    rate: float = 0.0  # tokens per second
+    samples: int = 0
+
+
+@dataclass
+class Bucket:
+    arms: dict[int, Arm] = field(default_factory=dict)
+    steps: int = 0
+
+
 class AdaptiveDraftLength:
-    def __init__(self, gamma: int, enabled: bool = True, ema: float = 0.2,
-                 warm_samples: int = 2, probe_every: int = 24, log_interval_s: float = 10.0):
+    def __init__(self, gamma: int, enabled: bool = True, ema: float = 0.3,
+                 warm_samples: int = 2, probe_every: int = 16, log_interval_s: float = 10.0):
         self.gamma = gamma
         self.enabled = enabled
         self.draft_lens = candidate_draft_lens(gamma)
@@ -57,12 +86,16 @@ class AdaptiveDraftLength:
         self.warm_samples = warm_samples
         self.probe_every = probe_every
         self.log_interval_s = log_interval_s
-        # bucket -> draft_len -> [ema goodput (tokens/s), samples]
-        self.goodput: dict[int, dict[int, list[float]]] = {}
+        self.buckets: dict[int, Bucket] = {}
+        # P(position i accepted | position i-1 accepted), i = 1..gamma, with the number
+        # of requests that reached each position (0: no evidence yet).
+        self.position_acceptance = [0.0] * gamma
+        self.position_evidence = [0] * gamma
         self.acceptance = 0.0  # accepted / drafted tokens (ema), for the logs
-        self._steps = 0
         self._last_choice: dict[int, int] = {}
         self._last_log = 0.0
+
+    # -- input ---------------------------------------------------------------------
 
     def observe(self, step: StepOutcome) -> None:
         if step.seconds <= 0 or step.draft_len not in self.draft_lens or step.batch <= 0:
@@ -70,47 +103,96 @@ class AdaptiveDraftLength:
         if step.draft_len > 0:
             accepted = (step.tokens - step.batch) / (step.batch * step.draft_len)
             self.acceptance = 0.9 * self.acceptance + 0.1 * min(1.0, max(0.0, accepted))
-        stats = self.goodput.setdefault(bucket_of(step.batch), {}).setdefault(step.draft_len, [0.0, 0])
+            self._learn_acceptance(step.draft_len, step.accepted)
+        arm = self.buckets.setdefault(bucket_of(step.batch), Bucket()).arms.setdefault(
+            step.draft_len, Arm())
         rate = step.tokens / step.seconds
-        if stats[1] and rate < stats[0] / 20:  # an idle gap, not a step: ignore
+        if arm.samples and rate < arm.rate / 20:  # an idle gap, not a step: ignore
             return
-        stats[0] = rate if stats[1] == 0 else (1 - self.ema) * stats[0] + self.ema * rate
-        stats[1] += 1
+        if arm.samples == 0:
+            arm.seconds, arm.rate = step.seconds, rate
+        else:
+            arm.seconds += self.ema * (step.seconds - arm.seconds)
+            arm.rate += self.ema * (rate - arm.rate)
+        arm.samples += 1
+
+    def _learn_acceptance(self, draft_len: int, accepted: tuple[int, ...]) -> None:
+        for i in range(min(draft_len, self.gamma)):
+            reached = [a for a in accepted if a >= i]
+            if not reached:
+                break
+            passed = sum(a > i for a in reached) / len(reached)
+            w = min(1.0, len(reached) / (len(reached) + 4))  # more requests, more weight
+            if self.position_evidence[i] == 0:
+                self.position_acceptance[i] = passed
+            else:
+                self.position_acceptance[i] += w * self.ema * (passed - self.position_acceptance[i])
+            self.position_evidence[i] += len(reached)
+
+    # -- model ---------------------------------------------------------------------
+
+    def expected_tokens(self, draft_len: int) -> float:
+        """Tokens per request of a step at this draft length: 1 + sum of the products of
+        the per-position acceptance (positions never observed: the last observed one)."""
+        total, prefix, last = 1.0, 1.0, 0.0
+        for i in range(draft_len):
+            if self.position_evidence[i]:
+                last = self.position_acceptance[i]
+            prefix *= last
+            total += prefix
+        return total
+
+    def _cost(self, arms: dict[int, Arm], draft_len: int) -> float | None:
+        """Measured cost, else linear between (or beyond) the nearest measured lengths."""
+        known = sorted(n for n, a in arms.items() if a.samples >= self.warm_samples)
+        if draft_len in known:
+            return arms[draft_len].seconds
+        if len(known) < 2:
+            return None
+        lo = max((n for n in known if n < draft_len), default=known[0])
+        hi = min((n for n in known if n > draft_len), default=known[-1])
+        if lo == hi:
+            lo, hi = (known[-2], known[-1]) if lo == known[-1] else (known[0], known[1])
+        slope = (arms[hi].seconds - arms[lo].seconds) / (hi - lo)
+        return max(1e-9, arms[lo].seconds + slope * (draft_len - lo))
+
+    def goodput(self, batch: int, draft_len: int) -> float | None:
+        """Predicted tokens/s of this draft length in this batch's bucket: the expected
+        tokens of the acceptance model over the step cost (measured, or interpolated);
+        None while the bucket lacks the measurements to predict it. The tokens a few
+        steps happened to produce are too noisy at small batches to rank arms by."""
+        cost = self._cost(self.buckets.get(bucket_of(batch), Bucket()).arms, draft_len)
+        return None if cost is None else batch * self.expected_tokens(draft_len) / cost
+
+    # -- output --------------------------------------------------------------------
 
     def next_draft_len(self, batch: int) -> int:
         if not self.enabled or batch == 0:
             return self.gamma
-        self._steps += 1
-        bucket = bucket_of(batch)
-        stats = self.goodput.get(bucket, {})
-        measured = [n for n in self.draft_lens if stats.get(n, (0.0, 0))[1] >= self.warm_samples]
-        untried = [n for n in self.draft_lens if n not in measured]
-        if untried:
-            # Measure every candidate of a new bucket briefly, nearest to the best one
-            # of the nearest measured bucket first (longest first when nothing is known).
-            anchor = self.draft_lens.index(self._nearest_best(bucket))
-            choice = min(untried, key=lambda n: (abs(self.draft_lens.index(n) - anchor), -n))
+        bucket = self.buckets.setdefault(bucket_of(batch), Bucket())
+        bucket.steps += 1
+        warm = {n for n, a in bucket.arms.items() if a.samples >= self.warm_samples}
+        if 0 not in warm:
+            choice = 0  # plain decoding: the reference, measured at no extra cost
+        elif self.gamma not in warm:
+            choice = self.gamma  # the longest draft: acceptance at every position
         else:
-            ranked = sorted(measured, key=lambda n: stats[n][0], reverse=True)
+            rates = {n: self.goodput(batch, n) for n in self.draft_lens}
+            ranked = sorted(self.draft_lens, key=lambda n: rates[n], reverse=True)
             choice = ranked[0]
-            if self._steps % self.probe_every == 0:  # re-measure the others in turn
-                others = ranked[1:]
-                choice = others[(self._steps // self.probe_every) % len(others)]
-        self._log(bucket, choice, batch, stats)
+            if bucket.steps % self.probe_every == 0:
+                # Re-measure another arm, never one whose goodput is below plain decoding's.
+                others = [n for n in ranked[1:] if n and rates[n] >= rates[0]]
+                if others:
+                    choice = others[(bucket.steps // self.probe_every) % len(others)]
+        self._log(bucket_of(batch), choice, batch)
         return choice
 
-    def _nearest_best(self, bucket: int) -> int:
-        """Best measured draft length of the nearest bucket with measurements (else gamma)."""
-        for b in sorted(self.goodput, key=lambda b: abs(b - bucket)):
-            stats = {n: s for n, s in self.goodput[b].items() if s[1] >= self.warm_samples}
-            if stats:
-                return max(stats, key=lambda n: stats[n][0])
-        return self.gamma
-
-    def _log(self, bucket: int, choice: int, batch: int, stats) -> None:
+    def _log(self, bucket: int, choice: int, batch: int) -> None:
         now = time.monotonic()
         if choice != self._last_choice.get(bucket) and now - self._last_log > self.log_interval_s:
-            rates = ", ".join(f"{n}: {s[0]:.0f}" for n, s in sorted(stats.items()))
+            arms = self.buckets[bucket].arms
+            rates = ", ".join(f"{n}: {a.rate:.0f}" for n, a in sorted(arms.items()))
             logger.info("specdiff adaptive: batch %d -> draft length %d%s (acceptance %.2f; "
                         "measured tokens/s by draft length %s)", batch, choice,
                         " (drafting off)" if choice == 0 else "", self.acceptance, rates)
