@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from vllm_specdiff.model import MDLM
@@ -26,10 +28,35 @@ GREEDY = 0.0
 @dataclass
 class Draft:
     tokens: torch.Tensor  # [B, draft_len] int64
-    probs: torch.Tensor | None  # [B, draft_len, V_target] float32 q; None if all greedy
+    # [B, draft_len, V_target] float32 q of every row, a view of the drafter's own
+    # output buffer (last stride 1, rows possibly padded): read only where has_q.
+    probs: torch.Tensor | None
+    has_q: torch.Tensor  # [B] bool: q is the distribution the row's tokens were drawn from
     exact: bool  # q is the left-to-right conditional (usable at temperature > 0)
     drafted_greedily: torch.Tensor  # [B] bool: argmax drafts, so q is a point mass
     forward_passes: int
+
+
+class ContextBatch(NamedTuple):
+    """The contexts of a batch without a Python list per request: row i's context is
+    ``tokens[rows[i], :lengths[i]]`` (vLLM's ``token_ids_cpu`` is such an array)."""
+
+    tokens: np.ndarray  # [*, columns] int
+    rows: np.ndarray  # [B] int
+    lengths: np.ndarray  # [B] int
+
+    @classmethod
+    def of(cls, contexts: "ContextBatch | Sequence[Sequence[int]]") -> "ContextBatch":
+        if isinstance(contexts, ContextBatch):
+            return contexts
+        lengths = np.array([len(c) for c in contexts], dtype=np.int64)
+        tokens = np.zeros((len(contexts), max(int(lengths.max(initial=0)), 1)), dtype=np.int64)
+        for i, c in enumerate(contexts):
+            tokens[i, : len(c)] = np.asarray(c, dtype=np.int64)
+        return cls(tokens, np.arange(len(contexts)), lengths)
+
+
+SAMPLING_CHUNK = 16  # rows whose CDF is built at once: bounds the sampling's scratch memory
 
 
 def sample_inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
@@ -37,6 +64,13 @@ def sample_inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Ten
     cdf = probs.cumsum(-1)
     idx = torch.searchsorted(cdf, (uniforms * cdf[..., -1]).unsqueeze(-1), right=True)
     return idx.squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+
+
+def softmax_(x: torch.Tensor, temps: torch.Tensor) -> torch.Tensor:
+    """softmax(x / temps) over the last dimension, in place (x [B, L, V], temps [B])."""
+    x.div_(temps[:, None, None])
+    x.sub_(x.amax(-1, keepdim=True)).exp_()
+    return x.div_(x.sum(-1, keepdim=True))
 
 
 class DiffusionDrafter:
@@ -53,18 +87,22 @@ class DiffusionDrafter:
         self.mask_id = model.config.mask_token_id
         self.device = next(model.parameters()).device
 
-    def _canvas(self, contexts: Sequence[Sequence[int]], draft_len: int):
-        ctxs = [list(c[-self.context_window:]) for c in contexts]
-        lengths = torch.tensor([len(c) for c in ctxs])
+    def _canvas(self, contexts: ContextBatch, draft_len: int):
+        """[last W context tokens, MASK x draft_len] per row, right-aligned, built with
+        one gather (no loop over requests)."""
+        lengths = np.minimum(contexts.lengths, self.context_window)
         width = int(lengths.max()) + draft_len
-        canvas = torch.full((len(ctxs), width), self.mask_id, dtype=torch.long)
-        pad = width - draft_len - lengths
-        for i, c in enumerate(ctxs):
-            canvas[i, pad[i] : width - draft_len] = torch.as_tensor(c, dtype=torch.long)
-        cols = torch.arange(width)
-        positions = (cols[None, :] - pad[:, None]).clamp_(min=0)
+        pad = width - draft_len - lengths  # [B] left padding of each row
+        cols = np.arange(width - draft_len)
+        real = cols[None, :] >= pad[:, None]
+        src = np.where(real, contexts.lengths[:, None] - lengths[:, None] + cols[None, :] - pad[:, None], 0)
+        ctx = np.where(real, contexts.tokens[contexts.rows[:, None], src], self.mask_id)
+        canvas = torch.full((len(lengths), width), self.mask_id, dtype=torch.long)
+        canvas[:, : width - draft_len] = torch.from_numpy(ctx.astype(np.int64, copy=False))
+        all_cols, pad = torch.arange(width), torch.from_numpy(pad)
+        positions = (all_cols[None, :] - pad[:, None]).clamp_(min=0)
         # Attention masks cost time in SDPA; only build one when padding exists.
-        key_mask = (cols[None, :] >= pad[:, None]) if bool((pad > 0).any()) else None
+        key_mask = (all_cols[None, :] >= pad[:, None]) if bool((pad > 0).any()) else None
         to = lambda t: None if t is None else t.to(self.device, non_blocking=True)  # noqa: E731
         return to(canvas), to(positions), to(key_mask)
 
@@ -78,7 +116,7 @@ class DiffusionDrafter:
     @torch.inference_mode()
     def draft(
         self,
-        contexts: Sequence[Sequence[int]],
+        contexts: ContextBatch | Sequence[Sequence[int]],
         draft_len: int,
         temperatures: Sequence[float] | None = None,
         generators: Sequence[torch.Generator | None] | None = None,
@@ -88,50 +126,89 @@ class DiffusionDrafter:
         temperatures: per request; 0 drafts greedily (argmax). With a fixed
         ``draft_temperature`` that value is used for every sampled request.
         generators: per request, for reproducible seeded drafts (else global RNG).
+
+        Memory: q is computed in place in the model's output buffer, and the first
+        pass's buffer is the q handed to the verifier; later passes (left-to-right)
+        score only the still-masked tail and copy the q of the positions they reveal
+        into it. Peak: one [B, draft_len, V] float32 tensor at T = 1, plus the tail
+        of the second pass at T > 1.
         """
-        B = len(contexts)
+        contexts = ContextBatch.of(contexts)
+        B = len(contexts.rows)
         steps = min(self.steps, draft_len)
         canvas, positions, key_mask = self._canvas(contexts, draft_len)
-        temps = torch.tensor([0.0] * B if temperatures is None else [float(t) for t in temperatures],
-                             dtype=torch.float32)
+        temps = (torch.zeros(B) if temperatures is None
+                 else torch.from_numpy(np.asarray(temperatures, dtype=np.float32).copy()))
         if self.draft_temperature is not None:
             temps = torch.where(temps > GREEDY, torch.tensor(self.draft_temperature), temps)
         # A draft temperature of 0 on a sampled request draws greedily too (q one-hot).
-        greedy = temps <= GREEDY
-        all_greedy = bool(greedy.all())
-        greedy = greedy.to(self.device)
+        greedy_cpu = temps <= GREEDY
+        all_greedy = bool(greedy_cpu.all())
+        exact = is_exact(self.schedule, steps)
+        greedy = greedy_cpu.to(self.device)
         temps = torch.where(temps > GREEDY, temps, torch.ones_like(temps)).to(self.device)
         V = self.mask_id  # target vocabulary: every id below the mask token
         tokens = torch.zeros(B, draft_len, dtype=torch.long, device=self.device)
-        # Greedy verification never reads q: all-greedy batches skip it entirely.
-        probs = None if all_greedy else torch.zeros(B, draft_len, V, device=self.device)
         masked = torch.ones(B, draft_len, dtype=torch.bool, device=self.device)
-        passes, logits = 0, None
+        probs = None  # the kept q (exact schedules, sampled rows only)
+        passes, scored = 0, None
         for step in range(steps):
-            if logits is None:  # no token changed since the last pass: reuse it
+            if scored is None:  # else no token changed since the last pass: reuse it
+                # Revealed columns form a prefix in left-to-right order: score the rest.
+                first = int(masked.any(0).nonzero()[0]) if step else 0
                 out = self.model(canvas, positions=positions, key_padding_mask=key_mask,
-                                 num_last=draft_len)
-                logits = out[..., :V].float()
+                                 num_last=draft_len - first)
                 passes += 1
-            if all_greedy:
-                q = None
-                proposal = logits.argmax(-1)
-                confidence = (logits.max(-1).values - logits.logsumexp(-1)
-                              if self.schedule == "confidence" else None)
-            else:
-                q = torch.softmax(logits / temps[:, None, None], dim=-1)
-                u = self._uniforms((B, draft_len), generators)
-                proposal = torch.where(greedy[:, None], logits.argmax(-1),
-                                       sample_inverse_cdf(q, u))
-                confidence = q.gather(-1, proposal.unsqueeze(-1)).squeeze(-1)
+                scored = self._score(out, V, temps, greedy, all_greedy, generators, first, draft_len)
+            first, proposal, confidence, q = scored
+            full = lambda t, fill: torch.cat(  # noqa: E731  tail [B, n] -> [B, draft_len]
+                (t.new_full((B, first), fill), t), 1) if first else t
             order = self._uniforms((B, draft_len), generators) if self.schedule == "random" else None
-            reveal = reveal_mask(self.schedule, step, steps, masked, confidence, order)
+            reveal = reveal_mask(self.schedule, step, steps, masked,
+                                 None if confidence is None else full(confidence, float("-inf")), order)
             if bool(reveal.any()):
+                proposal = full(proposal, 0)
                 tokens = torch.where(reveal, proposal, tokens)
-                if q is not None:
-                    probs = torch.where(reveal[..., None], q, probs)
+                if q is not None and exact:
+                    if probs is None:
+                        probs = q  # the first pass covers every position
+                    else:  # column by column: no [B, tail, V] gather
+                        for col in reveal[:, first:].any(0).nonzero().flatten().tolist():
+                            rows = reveal[:, first + col]
+                            if bool(rows.all()):
+                                probs[:, first + col].copy_(q[:, col])
+                            else:
+                                probs[rows, first + col] = q[rows, col]
                 canvas[:, -draft_len:] = torch.where(reveal, proposal, canvas[:, -draft_len:])
                 masked &= ~reveal
-                logits = None
-        return Draft(tokens=tokens, probs=probs, exact=is_exact(self.schedule, steps),
+                scored = None
+        has_q = (~greedy) if probs is not None else torch.zeros_like(greedy)
+        return Draft(tokens=tokens, probs=probs, has_q=has_q, exact=exact,
                      drafted_greedily=greedy, forward_passes=passes)
+
+    def _score(self, out, V, temps, greedy, all_greedy, generators, first, draft_len):
+        """One pass's proposals over the scored tail [first, draft_len): argmax for
+        greedy rows, a draw from q = softmax(logits / T) for the others (q in place in
+        ``out``), and the confidence the ``confidence`` schedule ranks by."""
+        logits = out[..., :V]
+        if out.dtype != torch.float32:
+            logits = logits.float()
+        argmax = logits.argmax(-1)
+        if all_greedy:
+            confidence = (logits.max(-1).values - logits.logsumexp(-1)
+                          if self.schedule == "confidence" else None)
+            return first, argmax, confidence, None
+        if out.dtype == torch.float32:
+            out[..., V:] = float("-inf")  # the mask token is never drafted (SUBS)
+            q = softmax_(out, temps)[..., :V]
+        else:
+            q = softmax_(logits.contiguous(), temps)
+        B, n = q.shape[:2]
+        u = self._uniforms((B, draft_len), generators)[:, first:]
+        proposal = torch.empty(B, n, dtype=torch.long, device=q.device)
+        for i in range(0, B, SAMPLING_CHUNK):  # the CDF scratch is chunk x n x V
+            proposal[i : i + SAMPLING_CHUNK] = sample_inverse_cdf(q[i : i + SAMPLING_CHUNK],
+                                                                  u[i : i + SAMPLING_CHUNK])
+        proposal = torch.where(greedy[:, None], argmax, proposal)
+        confidence = q.gather(-1, proposal.unsqueeze(-1)).squeeze(-1)
+        return first, proposal, confidence, q

@@ -71,12 +71,26 @@ class Rotary(nn.Module):
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
         # Stored in mdlm-owt's file, so kept as a persistent buffer.
         self.register_buffer("inv_freq", inv_freq)
+        self._table: tuple[torch.Tensor, torch.Tensor] | None = None  # see freeze()
+
+    def _compute(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[..., None] * self.inv_freq.float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+    @torch.no_grad()
+    def freeze(self, max_positions: int) -> None:
+        """Tabulate cos / sin of positions 0 .. max_positions - 1 once, for inference
+        (every drafting pass then only gathers its rows)."""
+        self._table = self._compute(torch.arange(max_positions, device=self.inv_freq.device))
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [B, L] -> cos, sin [B, 1, L, head_dim]."""
-        freqs = positions.float()[..., None] * self.inv_freq.float()
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
-        return emb.cos(), emb.sin()
+        if self._table is not None and not self.training:
+            cos, sin = self._table[0][positions], self._table[1][positions]
+        else:
+            cos, sin = self._compute(positions)
+        return cos[:, None], sin[:, None]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -182,8 +196,10 @@ class DITBackbone(nn.Module):
 
     @torch.no_grad()
     def freeze_conditioning(self) -> None:
-        """Without time conditioning, c and every adaLN output are constants:
-        compute them once for inference (call again after changing weights)."""
+        """What every inference pass would recompute, computed once (call again after
+        changing weights): the rotary table of all ``model_length`` positions and,
+        without time conditioning, c and every adaLN output (constants then)."""
+        self.rotary_emb.freeze(self.config.model_length)
         if self.config.time_conditioning:
             return
         p = self.output_layer.linear.weight

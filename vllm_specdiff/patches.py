@@ -23,7 +23,16 @@ one), in the worker process, before the runner builds its rejection sampler:
 5. ``GPUModelRunner.propose_draft_token_ids``: for a specdiff proposer, drafts with the
    batch's temperatures, seeds and prompt lengths and keeps q for the verifier (vLLM
    drops the draft probabilities of custom proposers); else vLLM's original.
-   The CPU model runner inherits both.
+6. ``GPUModelRunner._get_spec_decode_draft_probs``: for a specdiff proposer, hands the
+   verifier the drafter's q buffer with each request's first q row (-1: point mass)
+   instead of vLLM's concatenated [N, V] copy.
+7. ``GPUModelRunner._prepare_inputs``: a step in which no request has drafts (draft
+   length 0, warm-up with nothing to look up, prompt steps) takes vLLM's plain
+   decoding path. vLLM 0.32 sends every step of a speculative engine through the
+   rejection sampler, drafts or not: on the embedded pair that costs 1.5 ms a step
+   over plain decoding (``benchmarks/results/step_profile.md``), which is what
+   switching drafting off has to save.
+   The CPU model runner inherits all four.
 
 ``VERSION_GUARD`` -- applied instead of everything when vLLM is not 0.32.0: makes
 ``method: "specdiff"`` fail with one clear error; any other run is untouched.
@@ -36,6 +45,8 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+
+import torch
 
 from vllm_specdiff import SUPPORTED_VLLM_VERSION
 from vllm_specdiff.config import ADDITIONAL_CONFIG_KEY, METHOD, SpecDiffConfig, SpecDiffConfigError
@@ -170,7 +181,7 @@ FRONTEND_PATCHES = register_group(PatchGroup(
     ]))
 
 
-# -- 4-5: model runner --------------------------------------------------------------
+# -- 4-7: model runner --------------------------------------------------------------
 
 def _rejection_sampler(original):
     from vllm_specdiff.verification import SpecDiffRejectionSampler
@@ -207,11 +218,51 @@ def _propose_draft_token_ids(original):
             input_batch=self.input_batch,
             pure_decode=_is_pure_decode(scheduler_output),
         )
-        self._draft_probs = proposal.draft_probs
-        self._draft_prob_req_ids = (None if proposal.draft_probs is None
-                                    else self.input_batch.req_ids.copy())
+        self._draft_probs = proposal.q
+        self._draft_prob_req_ids = None if proposal.q is None else self.input_batch.req_ids.copy()
         return proposal.token_ids
     return propose_draft_token_ids
+
+
+def _get_spec_decode_draft_probs(original):
+    from vllm_specdiff.proposer import SpecDiffProposer
+    from vllm_specdiff.verification import SparseDraftProbs
+
+    @functools.wraps(original)
+    def get_spec_decode_draft_probs(self, spec_decode_metadata):
+        if not isinstance(getattr(self, "drafter", None), SpecDiffProposer):
+            return original(self, spec_decode_metadata)
+        q, drafted_req_ids = self._draft_probs, self._draft_prob_req_ids
+        if q is None or drafted_req_ids is None:
+            return None
+        # vLLM copies each request's q rows into one [N, V] tensor here; the verifier
+        # reads the drafter's buffer in place instead, given each request's first row.
+        row_then = {req_id: row for row, req_id in enumerate(drafted_req_ids)}
+        width = q.probs.shape[1]
+        starts = []
+        for req_id, n in zip(self.input_batch.req_ids, spec_decode_metadata.num_draft_tokens):
+            row = q.row_of.get(row_then.get(req_id, -1)) if n else None
+            starts.append(-1 if row is None else row * width)
+        return SparseDraftProbs(q.probs, torch.tensor(starts, dtype=torch.int64).to(
+            q.probs.device, non_blocking=True))
+    return get_spec_decode_draft_probs
+
+
+def _prepare_inputs(original):
+    @functools.wraps(original)
+    def prepare_inputs(self, scheduler_output, *args, **kwargs):
+        if (scheduler_output.scheduled_spec_decode_tokens
+                or not is_specdiff(self.speculative_config)):
+            return original(self, scheduler_output, *args, **kwargs)
+        # vLLM decides plain vs speculative sampling in this method from
+        # `self.speculative_config is not None`; everything else of the step (the
+        # drafting after it, the attention metadata before it) still sees the config.
+        spec_config, self.speculative_config = self.speculative_config, None
+        try:
+            return original(self, scheduler_output, *args, **kwargs)
+        finally:
+            self.speculative_config = spec_config
+    return prepare_inputs
 
 
 RUNNER_PATCHES = register_group(PatchGroup(
@@ -221,6 +272,12 @@ RUNNER_PATCHES = register_group(PatchGroup(
         Patch(f"{RUNNER}:GPUModelRunner.propose_draft_token_ids",
               "draft with each request's temperature and seed, hand q to the verifier",
               _propose_draft_token_ids),
+        Patch(f"{RUNNER}:GPUModelRunner._get_spec_decode_draft_probs",
+              "hand the verifier the drafter's q buffer and each request's row, not a copy",
+              _get_spec_decode_draft_probs),
+        Patch(f"{RUNNER}:GPUModelRunner._prepare_inputs",
+              "steps without drafts sample like plain decoding, not through the verifier",
+              _prepare_inputs),
     ]))
 
 

@@ -5,7 +5,8 @@ vLLM's model runner calls the proposer after each step with the tokens just samp
 (one batched diffusion call) and the distribution q each was drawn from, which the
 runner patch in ``patches.py`` hands to the verifier (vLLM drops q for custom
 proposers). A step has three parts: triage the rows (``plan_rows``), draft them
-(MDLM, or vLLM's n-gram proposer for a request's first tokens), and assemble q.
+(MDLM, or vLLM's n-gram proposer for a request's first tokens), and name the rows
+that are verified against q (``draft_q``; the others are point masses).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 from vllm_specdiff.adaptive import AdaptiveDraftLength, StepOutcome
 from vllm_specdiff.config import ADDITIONAL_CONFIG_KEY, SpecDiffConfig
-from vllm_specdiff.drafter import Draft, DiffusionDrafter
+from vllm_specdiff.drafter import ContextBatch, DiffusionDrafter, Draft
 from vllm_specdiff.loader import load_mdlm, torch_dtype
 
 logger = logging.getLogger("vllm.specdiff")
@@ -28,14 +29,22 @@ NGRAM_SIZES = (1, 4)  # prompt-lookup n-gram sizes (min, max) for warm-up drafts
 
 
 @dataclass
+class DraftQ:
+    """The q a step's drafts were drawn from, as the drafter left it (no copy, no
+    one-hot rows): ``probs[row_of[i], j]`` is the distribution runner row i's draft j
+    was drawn from. Rows not in ``row_of`` (greedy, n-gram, non-exact schedules) are
+    verified as point masses."""
+
+    probs: torch.Tensor  # [R, longest draft, V_drafter] float32, last stride 1
+    row_of: dict[int, int]  # runner row -> row of probs
+
+
+@dataclass
 class Proposal:
     """One step's drafts, aligned with the runner's rows."""
 
     token_ids: list[list[int]]  # row -> draft tokens ([] = no draft for that row)
-    # [rows, longest draft, V_target] float32: row i, position j holds the q that
-    # token_ids[i][j] was drawn from (a one-hot where the draft is a point mass);
-    # None when every row is verified greedily or as a point mass.
-    draft_probs: torch.Tensor | None = None
+    q: DraftQ | None = None  # None: every row is verified greedily or as a point mass
 
 
 @dataclass
@@ -137,8 +146,9 @@ class SpecDiffProposer:
         now = time.perf_counter()
         if self._last_step is not None and pure_decode:
             draft_len, batch, started = self._last_step
-            self.adaptive.observe(StepOutcome(batch, draft_len, sum(len(s) for s in sampled_token_ids),
-                                              now - started))
+            done = [len(s) for s in sampled_token_ids if s]
+            self.adaptive.observe(StepOutcome(batch, draft_len, sum(done), now - started,
+                                              accepted=tuple(n - 1 for n in done)))
         warmup = (self.config.warmup_tokens if input_batch is not None
                   and self.config.warmup_method != "specdiff" else 0)
         plan = plan_rows(sampled_token_ids, num_tokens_no_spec,
@@ -158,15 +168,16 @@ class SpecDiffProposer:
         mdlm_rows = [i for i in plan.mdlm if lengths[i] > 0]
         if not mdlm_rows:
             return Proposal(token_ids)
-        temps = [0.0 if input_batch is None else float(input_batch.temperature_cpu[i]) for i in mdlm_rows]
-        contexts = [token_ids_cpu[i, : int(num_tokens_no_spec[i])] for i in mdlm_rows]
+        rows = np.array(mdlm_rows)
+        temps = np.zeros(len(rows)) if input_batch is None else input_batch.temperature_cpu[rows]
+        contexts = ContextBatch(token_ids_cpu, rows, np.asarray(num_tokens_no_spec)[rows])
         draft = self.drafter.draft(contexts, max(lengths[i] for i in mdlm_rows), temps,
                                    [generators.get(i) for i in mdlm_rows] if generators else None)
         for row, toks in zip(mdlm_rows, draft.tokens.tolist()):
             # Never draft past the model's length limit.
             room = self.max_model_len - int(num_tokens_no_spec[row]) - 1
             token_ids[row] = toks[: max(0, min(lengths[row], room))]
-        return Proposal(token_ids, self._draft_probs(draft, mdlm_rows, temps, token_ids))
+        return Proposal(token_ids, draft_q(draft, mdlm_rows, token_ids))
 
     # -- helpers ---------------------------------------------------------------
 
@@ -178,38 +189,6 @@ class SpecDiffProposer:
             return self.adaptive.next_draft_len(batch)
         mine = self.adaptive.next_draft_len(batch) if self.tp_group.rank_in_group == 0 else None
         return self.tp_group.broadcast_object(mine, src=0)
-
-    def _draft_probs(self, draft: Draft, mdlm_rows: list[int], temps: list[float],
-                     token_ids: list[list[int]]) -> torch.Tensor | None:
-        """q aligned with the runner's rows (None: all greedy, the verifier reads no q).
-
-        Sampled requests whose q is not the left-to-right conditional (random or
-        confidence order with T > 1, or argmax drafts) get a point mass: exact, just
-        accepting with p(x) instead of min(1, p(x)/q(x)). So do rows drafted by the
-        n-gram proposer.
-        """
-        probs = draft.probs
-        if probs is None:
-            return None
-        sampled = torch.tensor([t > 0 for t in temps], device=probs.device)
-        point_mass = sampled & (draft.drafted_greedily | (not draft.exact))
-        if bool(point_mass.any()):
-            one_hot = torch.zeros_like(probs).scatter_(-1, draft.tokens.unsqueeze(-1), 1.0)
-            probs = torch.where(point_mass[:, None, None], one_hot, probs)
-        if self.target_vocab > probs.shape[-1]:  # padded target vocab: q is 0 there
-            probs = torch.nn.functional.pad(probs, (0, self.target_vocab - probs.shape[-1]))
-        if len(mdlm_rows) == len(token_ids):
-            return probs.contiguous()
-        # Other rows: n-gram drafts (possibly longer than this step's MDLM drafts).
-        width = max(probs.shape[1], *(len(t) for t in token_ids))
-        full = probs.new_zeros((len(token_ids), width, probs.shape[2]))
-        full[torch.tensor(mdlm_rows, device=probs.device), : probs.shape[1]] = probs
-        in_mdlm = set(mdlm_rows)
-        for row, tokens in enumerate(token_ids):
-            if row not in in_mdlm:
-                for j, token in enumerate(tokens):
-                    full[row, j, token] = 1.0
-        return full
 
     def _generators(self, input_batch) -> dict[int, torch.Generator]:
         """Row -> drafter generator of each seeded request (its own stream, derived from
@@ -240,6 +219,17 @@ class SpecDiffProposer:
         proposals = self.ngram.propose(longest, only, num_tokens_no_spec, token_ids_cpu)
         for i in rows:
             token_ids[i] = list(proposals[i])[: lengths[i]]
+
+
+def draft_q(draft: Draft, mdlm_rows: list[int], token_ids: list[list[int]]) -> DraftQ | None:
+    """The rows verified against q: sampled requests whose q is the left-to-right
+    conditional (``Draft.has_q``) and that kept a draft. Point masses need nothing:
+    exact, just accepting with p(x) instead of min(1, p(x)/q(x))."""
+    if draft.probs is None:
+        return None
+    has_q = draft.has_q.tolist()
+    row_of = {row: i for i, row in enumerate(mdlm_rows) if has_q[i] and token_ids[row]}
+    return DraftQ(draft.probs, row_of) if row_of else None
 
 
 def make_ngram_proposer(vllm_config, gamma: int):

@@ -14,7 +14,7 @@ On the CPU, temperature / top-k / top-p are expanded to rows with torch
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from vllm.v1.outputs import SamplerOutput
@@ -28,6 +28,15 @@ from vllm.v1.sample.rejection_sampler import (
 
 from vllm_specdiff import compat
 from vllm_specdiff.kernels.fused_verify import verify
+
+
+@dataclass
+class SparseDraftProbs:
+    """q as the runner hands it to this verifier: the drafter's own buffer and, per
+    request of the step, the row of its first draft (-1: verified as a point mass)."""
+
+    probs: torch.Tensor  # [R, L, V_drafter], last stride 1
+    q_start: torch.Tensor  # [B] int64
 
 
 def per_request_uniforms(num_draft_tokens: list[int], generators: dict[int, torch.Generator],
@@ -51,7 +60,7 @@ def apply_sampling_constraints(logits: torch.Tensor, metadata, sampling_metadata
         logits, metadata.cu_num_draft_tokens, sampling_metadata)
 
 
-def _resample_at_invalid_drafts(output_token_ids, num_accepted, invalid, rows, cu,
+def _resample_at_invalid_drafts(output_token_ids, num_accepted, invalid, target_logits, cu,
                                 is_greedy, u_sample) -> None:
     """vLLM can hand over placeholder drafts (-1, e.g. after a structured-output
     check cut a draft). A walk that reaches one stops there with a token drawn
@@ -64,7 +73,7 @@ def _resample_at_invalid_drafts(output_token_ids, num_accepted, invalid, rows, c
         if len(bad) == 0 or int(num_accepted[i]) < int(bad[0]):
             continue
         j = int(bad[0])
-        logits = rows[start + i + j]
+        logits = target_logits[start + j]
         if bool(is_greedy[i]):
             token = int(logits.argmax())
         else:
@@ -83,7 +92,8 @@ class SpecDiffRejectionSampler(RejectionSampler):
         and after it (logprobs) is vLLM's. Synthetic acceptance (a benchmarking mode of
         vLLM that ignores the drafts) stays vLLM's own."""
         if self.synthetic_mode:
-            return super().forward(metadata, draft_probs, logits, sampling_metadata)
+            dense = None if isinstance(draft_probs, SparseDraftProbs) else draft_probs
+            return super().forward(metadata, dense, logits, sampling_metadata)
         assert metadata.max_spec_len <= MAX_SPEC_LEN
         bonus_sampler_output = self.sampler(
             logits=logits[metadata.bonus_logits_indices],
@@ -94,13 +104,14 @@ class SpecDiffRejectionSampler(RejectionSampler):
         )
         raw_target_logits = logits[metadata.target_logits_indices].to(torch.float32)
         target_logits = raw_target_logits
-        if not self.is_processed_logprobs_mode:
+        if not self.is_processed_logprobs_mode and sampling_metadata.max_num_logprobs is not None:
+            # vLLM always clones; the raw rows are only read again for logprobs.
             target_logits = target_logits.clone()
         target_logits = self.apply_logits_processors(target_logits, sampling_metadata, metadata)
         target_logits = apply_sampling_constraints(target_logits, metadata, sampling_metadata)
 
         output_token_ids, num_accepted = self._verify(
-            metadata, draft_probs, logits, target_logits,
+            metadata, draft_probs, target_logits,
             bonus_sampler_output.sampled_token_ids.view(-1), sampling_metadata,
         )
 
@@ -113,15 +124,11 @@ class SpecDiffRejectionSampler(RejectionSampler):
             )
         return SamplerOutput(sampled_token_ids=output_token_ids, logprobs_tensors=logprobs_tensors)
 
-    def _verify(self, metadata, draft_probs, logits, target_logits, bonus_token_ids,
-                sampling_metadata):
+    def _verify(self, metadata, draft_probs, target_logits, bonus_token_ids, sampling_metadata):
+        """The kernel reads the target rows in place (no bonus rows: the bonus token
+        comes from vLLM's sampler) and q where the drafter left it."""
         num_draft = metadata.num_draft_tokens
         batch, device = len(num_draft), target_logits.device
-        # The kernel reads request-major rows [drafts..., bonus]; the bonus row is
-        # not read because the bonus token comes from vLLM's sampler.
-        rows = torch.empty((logits.shape[0], target_logits.shape[1]),
-                           dtype=torch.float32, device=device)
-        rows[metadata.target_logits_indices] = target_logits
         cu = torch.zeros(batch + 1, dtype=torch.int64, device=device)
         cu[1:] = metadata.cu_num_draft_tokens
         if sampling_metadata.all_greedy:
@@ -134,15 +141,21 @@ class SpecDiffRejectionSampler(RejectionSampler):
                                               sampling_metadata.generators, device)
             u_sample = per_request_uniforms(num_draft, sampling_metadata.generators, device)
         draft_ids = metadata.draft_token_ids
-        invalid = (draft_ids < 0) | (draft_ids >= rows.shape[1])
+        invalid = (draft_ids < 0) | (draft_ids >= target_logits.shape[1])
         has_invalid = bool(invalid.any())
         if has_invalid:
             draft_ids = torch.where(invalid, torch.zeros_like(draft_ids), draft_ids)
+        q, q_start = None, None
+        if isinstance(draft_probs, SparseDraftProbs):
+            q, q_start = draft_probs.probs, draft_probs.q_start
+        elif draft_probs is not None:  # vLLM's dense [N, V] (not produced by specdiff)
+            q = draft_probs
         output_token_ids, num_accepted = verify(
-            rows, draft_ids, draft_probs, cu, is_greedy, u_accept, u_sample,
-            metadata.max_spec_len, bonus_token_ids=bonus_token_ids,
+            target_logits, draft_ids, q, cu, is_greedy, u_accept, u_sample,
+            metadata.max_spec_len, bonus_token_ids=bonus_token_ids, q_start=q_start,
+            bonus_rows=False,
         )
         if has_invalid:
-            _resample_at_invalid_drafts(output_token_ids, num_accepted, invalid, rows, cu,
-                                        is_greedy, u_sample)
+            _resample_at_invalid_drafts(output_token_ids, num_accepted, invalid, target_logits,
+                                        cu, is_greedy, u_sample)
         return output_token_ids, num_accepted
