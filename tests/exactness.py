@@ -14,9 +14,24 @@ ALPHA = 1e-3
 MIN_EXPECTED = 5.0
 
 
-def exact_joint(prompt: str, prefixes) -> dict[tuple[int, ...], float]:
+def constrained_log_softmax(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """log p of vLLM's sampler: logits / temperature, then top-p as vLLM applies it
+    (ascending sort; tokens whose cumulative probability is <= 1 - top_p are dropped,
+    the most likely token always kept)."""
+    logits = logits / temperature
+    if top_p < 1.0:
+        ordered, index = logits.sort(dim=-1, descending=False)
+        cum = ordered.softmax(-1).cumsum(-1)
+        drop = cum <= 1 - top_p
+        drop[..., -1] = False
+        logits = logits.scatter(-1, index, ordered.masked_fill(drop, float("-inf")))
+    return torch.log_softmax(logits, -1)
+
+
+def exact_joint(prompt: str, prefixes, temperature: float = 1.0,
+                top_p: float = 1.0) -> dict[tuple[int, ...], float]:
     """p(prefix) * p(next | prefix) for every observed prefix (tuples of generated
-    tokens, all of one length) and every next token."""
+    tokens, all of one length) and every next token, under the sampling settings."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(TARGET))
@@ -27,7 +42,7 @@ def exact_joint(prompt: str, prefixes) -> dict[tuple[int, ...], float]:
     suffix = torch.tensor(prefixes, dtype=torch.long).reshape(len(prefixes), k)
     with torch.no_grad():
         batch = torch.cat([ids.repeat(len(prefixes), 1), suffix], dim=1)
-        logp = torch.log_softmax(model(batch).logits.double(), -1)
+        logp = constrained_log_softmax(model(batch).logits.double(), temperature, top_p)
     n = ids.shape[1]  # logits row n - 1 + j predicts generated token j
     joint = {}
     for row, prefix in enumerate(prefixes):
@@ -60,11 +75,12 @@ def chi_square_pvalue(counts: collections.Counter, probs: dict, n: int) -> tuple
     return pvalue, dof
 
 
-def pvalues(samples, prompt=PROMPT) -> list[tuple[float, int]]:
+def pvalues(samples, prompt=PROMPT, temperature: float = 1.0, top_p: float = 1.0,
+            depths=(2, 3)) -> list[tuple[float, int]]:
     """Chi-square p-value and degrees of freedom for (t1, t2) and (t1, t2, t3)."""
     out = []
-    for depth in (2, 3):
+    for depth in depths:
         counts = collections.Counter(s[:depth] for s in samples)
-        probs = exact_joint(prompt, {c[:-1] for c in counts})
+        probs = exact_joint(prompt, {c[:-1] for c in counts}, temperature, top_p)
         out.append(chi_square_pvalue(counts, probs, len(samples)))
     return out

@@ -8,7 +8,13 @@ accepted (drawn in the same left-to-right group as position 0, so it tests that
 the diffusion q is the right conditional). The empirical joint distributions of
 (t1, t2) and of (t1, t2, t3) are tested against the target's exact
 p(t1) p(t2 | t1) p(t3 | t1, t2), computed with transformers, by chi-square
-goodness-of-fit tests.
+goodness-of-fit tests. The engine drafts gamma = 2 tokens in T = 2 denoising steps, so
+draft position 1 (token 3) comes from the second denoising group: its q is the
+conditional given the revealed first token.
+
+One batch also mixes greedy, seeded and sampled requests at different temperatures
+and top-p; each group is tested on its own (a per-request setting applied to the
+wrong rows fails it, shown by a negative control).
 
 Threshold: the test fails when the chi-square p-value is below ALPHA = 1e-3 (a
 correct sampler fails once in a thousand runs). The negative control hands the
@@ -29,7 +35,7 @@ pytestmark = pytest.mark.slow
 def llm():
     from vllm import LLM
 
-    spec = {"method": "specdiff", "model": str(DRAFTER), "num_speculative_tokens": 4,
+    spec = {"method": "specdiff", "model": str(DRAFTER), "num_speculative_tokens": 2,
             "diffusion_steps": 2, "schedule": "left_to_right", "adaptive": False,
             "warmup_tokens": 0}  # every draft from the MDLM, whose q is under test
     engine = LLM(model=str(TARGET), speculative_config=spec,
@@ -79,6 +85,81 @@ def test_wrong_draft_probabilities_are_detected(llm, monkeypatch):
     (pvalue, dof), _ = pvalues(sample(llm))
     print(f"wrong q: (t1,t2) chi-square p={pvalue:.3g} dof={dof}")
     assert pvalue < ALPHA / 100
+
+
+# (name, temperature, top_p, seeded, requests, tested prefixes): one batch, interleaved.
+# Flatter distributions spread (t1, t2, t3) over too many cells for their sample count.
+GROUPS = [("t0.7 top-p 0.9", 0.7, 0.9, False, 3000, (2, 3)), ("t1.3", 1.3, 1.0, False, 3000, (2,)),
+          ("t1 seeded", 1.0, 1.0, True, 1500, (2,)), ("greedy", 0.0, 1.0, False, 200, ())]
+
+
+def sample_mixed(llm) -> dict[str, list[tuple[int, ...]]]:
+    from vllm import SamplingParams
+
+    params, names = [], []
+    longest = max(g[4] for g in GROUPS)
+    for i in range(longest):
+        for name, temperature, top_p, seeded, n, _ in GROUPS:
+            if i < n:
+                params.append(SamplingParams(temperature=temperature, top_p=top_p, max_tokens=4,
+                                             ignore_eos=True, seed=1000 + i if seeded else None))
+                names.append(name)
+    outs = llm.generate([PROMPT] * len(params), params, use_tqdm=False)
+    by_group = {g[0]: [] for g in GROUPS}
+    for name, o in zip(names, outs):
+        by_group[name].append(tuple(o.outputs[0].token_ids[:3]))
+    return by_group
+
+
+def greedy_continuation(k: int) -> tuple[int, ...]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(TARGET))
+    model = AutoModelForCausalLM.from_pretrained(str(TARGET), dtype=torch.float32).eval()
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=k, do_sample=False)
+    return tuple(out[0, ids.shape[1]:].tolist())
+
+
+def group_pvalues(by_group) -> dict[str, list[tuple[float, int]]]:
+    out = {}
+    for name, temperature, top_p, _, _, depths in GROUPS:
+        if temperature > 0:
+            out[name] = pvalues(by_group[name], temperature=temperature, top_p=top_p, depths=depths)
+    return out
+
+
+def test_mixed_batch_each_group_follows_its_own_settings(llm):
+    by_group = sample_mixed(llm)
+    assert set(by_group["greedy"]) == {greedy_continuation(3)}
+    for name, results in group_pvalues(by_group).items():
+        print(f"{name}: " + "; ".join(f"p={p:.3g} dof={d}" for p, d in results))
+        for pvalue, dof in results:
+            assert dof >= 5, f"{name}: too few cells"
+            assert pvalue > ALPHA, name
+
+
+def test_mixed_batch_negative_control_one_temperature_for_all_rows(llm, monkeypatch):
+    """The verifier's per-request temperature expansion replaced by the first
+    request's temperature for every row: the 1.3 group is then verified at 0.7 and
+    its chi-square test must fail."""
+    from dataclasses import replace
+
+    from vllm_specdiff import compat
+
+    original = compat.apply_sampling_constraints
+
+    def one_temperature(logits, num_draft_tokens, sampling_metadata):
+        t = sampling_metadata.temperature
+        if t is not None and t.numel():
+            sampling_metadata = replace(sampling_metadata, temperature=t[:1].expand_as(t).clone())
+        return original(logits, num_draft_tokens, sampling_metadata)
+
+    monkeypatch.setattr(compat, "apply_sampling_constraints", one_temperature)
+    results = group_pvalues(sample_mixed(llm))
+    print("one temperature for all rows: " + "; ".join(
+        f"{name} p={r[0][0]:.3g}" for name, r in results.items()))
+    assert min(p for r in results.values() for p, _ in r) < ALPHA / 100
 
 
 REPETITIVE_PROMPT = "The cat sat on the mat. The dog sat on the mat. The cat sat on the"

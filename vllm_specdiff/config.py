@@ -31,8 +31,10 @@ class SpecDiffConfig(NamedTuple):
     model: str = "mdlm"
     # gamma: the most draft tokens per request per step, 1..64.
     num_speculative_tokens: int = 8
-    # T: denoising steps (drafter forward passes) per proposal, 1..gamma.
-    diffusion_steps: int = 2
+    # T: denoising steps (drafter forward passes) per proposal, 1..gamma. 1 by default:
+    # on the embedded pair a second pass costs more than the acceptance it adds
+    # (benchmarks/results/spec_bench.md), and q then fits in one [B, gamma, V] buffer.
+    diffusion_steps: int = 1
     # Which masked positions each step reveals: left_to_right | random | confidence.
     schedule: str = "left_to_right"
     # W: the drafter sees the last W context tokens (longer contexts are cut). Each
