@@ -38,6 +38,8 @@ test-fast: $(STAMP)
 # Every table and plot the README quotes (about 1.5 hours on 2 CPU cores; run nothing
 # else meanwhile). bench-quick: a smaller Spec-Bench grid in under 5 minutes.
 bench: $(STAMP)
+	$(BIN)/python benchmarks/step_profile.py
+	$(BIN)/python benchmarks/floor.py
 	$(BIN)/python benchmarks/spec_bench.py
 	$(BIN)/python benchmarks/serve_bench.py
 	$(BIN)/python benchmarks/schedules.py

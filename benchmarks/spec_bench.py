@@ -67,7 +67,7 @@ FAMILIES = ("specdiff", "ngram", "draft_model")
 @dataclass(frozen=True)
 class Method:
     name: str
-    family: str  # none | specdiff | ngram | draft_model
+    family: str  # none | specdiff | specdiff-off | ngram | draft_model
     speculative_config: dict | None
 
 
@@ -99,7 +99,7 @@ NONE = Method("none", "none", None)
 def grid(quick: bool) -> list[Method]:
     if quick:
         return [NONE, specdiff(8, 2), ngram(4), draft_model(4)]
-    return [NONE, specdiff(4, 2), specdiff(8, 2), specdiff(16, 2), specdiff(8, 1),
+    return [NONE, specdiff(4, 1), specdiff(8, 1), specdiff(4, 2), specdiff(8, 2), specdiff(16, 2),
             ngram(2), ngram(4), ngram(8), draft_model(2), draft_model(4), draft_model(8)]
 
 
@@ -114,6 +114,10 @@ def engine_process(conn, method: Method, max_num_seqs: int) -> None:
 
     from vllm_specdiff.metrics import from_metrics
 
+    if method.family == "specdiff-off":  # the floor: specdiff's engine, drafting switched off
+        from vllm_specdiff.adaptive import AdaptiveDraftLength
+
+        AdaptiveDraftLength.next_draft_len = lambda self, batch: 0
     llm = LLM(model=str(EMBEDDED_TARGET), speculative_config=method.speculative_config,
               max_num_seqs=max_num_seqs, max_model_len=MAX_MODEL_LEN,
               kv_cache_memory_bytes=KV_CACHE_BYTES,
@@ -152,12 +156,15 @@ def engine_process(conn, method: Method, max_num_seqs: int) -> None:
         message = conn.recv()
         if message is None:
             break
-        prompts, max_tokens, temperature = message
+        prompts, max_tokens, temperature, arrive_after = message
         params = SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True)
         inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
         before, steps[:], drafter_before = from_metrics(llm.get_metrics()), [], drafter_seconds[0]
         start = time.perf_counter()
-        outputs = llm.generate(inputs, params, use_tqdm=False)
+        if arrive_after is None:
+            outputs = llm.generate(inputs, params, use_tqdm=False)
+        else:
+            outputs = generate_with_arrivals(llm, inputs, params, arrive_after)
         seconds = time.perf_counter() - start
         stats = from_metrics(llm.get_metrics()) - before
         conn.send({"seconds": seconds, "tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
@@ -167,6 +174,25 @@ def engine_process(conn, method: Method, max_num_seqs: int) -> None:
                    "drafts": stats.drafts, "accepted": stats.accepted_tokens,
                    "per_position": stats.accepted_per_position})
     llm.llm_engine.engine_core.shutdown()
+
+
+def generate_with_arrivals(llm, inputs, params, after_tokens: int):
+    """A load change: the first request runs alone until it has `after_tokens` tokens,
+    then all the others arrive at once; returns every output when all have finished."""
+    engine = llm.llm_engine
+    tag = f"{time.monotonic_ns()}-"
+    engine.add_request(tag + "0", inputs[0], params)
+    done, arrived = {}, False
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+            if not arrived and out.request_id == tag + "0" and (
+                    len(out.outputs[0].token_ids) >= after_tokens or out.finished):
+                for i, prompt in enumerate(inputs[1:], 1):
+                    engine.add_request(f"{tag}{i}", prompt, params)
+                arrived = True
+    return [done[f"{tag}{i}"] for i in range(len(inputs))]
 
 
 class Engines:
@@ -185,9 +211,11 @@ class Engines:
             if self.conns[m.name].recv() != "ready":
                 raise RuntimeError(f"engine for {m.name} failed to start")
 
-    def run(self, method: Method, prompts, max_tokens: int, temperature: float) -> dict:
+    def run(self, method: Method, prompts, max_tokens: int, temperature: float,
+            arrive_after: int | None = None) -> dict:
+        """One timed generation; with `arrive_after`, a load change (generate_with_arrivals)."""
         time.sleep(0.3)  # let the previous engine's OpenMP threads go idle
-        self.conns[method.name].send((prompts, max_tokens, temperature))
+        self.conns[method.name].send((prompts, max_tokens, temperature, arrive_after))
         return self.conns[method.name].recv()
 
     def close(self) -> None:
@@ -219,15 +247,15 @@ def median_range(values: list[float]) -> tuple[float, float, float]:
 
 
 def run_rounds(engines: Engines, methods, prompts, max_tokens, temperature, repeats, log,
-               label: str) -> dict[str, list[dict]]:
+               label: str, arrive_after: int | None = None) -> dict[str, list[dict]]:
     """One untimed warm-up round, then `repeats` rounds, each running every method once
     in turn (A B C A B C ...)."""
     for m in methods:
-        engines.run(m, prompts, max_tokens, temperature)
+        engines.run(m, prompts, max_tokens, temperature, arrive_after)
     runs = collections.defaultdict(list)
     for rep in range(repeats):
         for m in methods:
-            r = engines.run(m, prompts, max_tokens, temperature)
+            r = engines.run(m, prompts, max_tokens, temperature, arrive_after)
             runs[m.name].append(r)
             log(f"  {label} rep {rep + 1}/{repeats} {m.name}: {r['tokens'] / r['seconds']:.0f} tok/s, "
                 f"running {r['mean_running']:.1f}")
@@ -459,6 +487,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=None)
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--no-lengths", action="store_true", help="skip the output-length sweep")
+    ap.add_argument("--only", nargs="+", default=None, metavar="METHOD",
+                    help="run only these methods of the grid (and plain decoding), e.g. "
+                         "'specdiff g8 T1' 'ngram g4'; results go to spec_bench_only.*")
     ap.add_argument("--max-engines", type=int, default=6,
                     help="engines alive at once (memory); more methods run in several groups")
     args = ap.parse_args()
@@ -474,6 +505,11 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(EMBEDDED_TARGET))
     prompts = load_prompts(tokenizer, args.prompt_tokens)
     methods = grid(args.quick)
+    if args.only:
+        unknown = set(args.only) - {m.name for m in methods}
+        if unknown:
+            ap.error(f"--only: {sorted(unknown)} not in the grid {[m.name for m in methods]}")
+        methods = [m for m in methods if m is NONE or m.name in args.only]
     log = lambda msg: print(f"[{(time.time() - started) / 60:5.1f} min] {msg}", flush=True)  # noqa: E731
     env = environment("spec_bench.py", sys.argv[1:])
     cells = run_grid(methods, prompts, args.batches, args.temperatures, args.repeats,
@@ -481,13 +517,13 @@ def main() -> None:
     length_cells = []
     if not args.quick and not args.no_lengths and 0.0 in args.temperatures:
         # The best of each family at batch 1, greedy, against plain decoding.
-        contenders = [NONE] + [next(m for m in methods if m.name == best_of(cells, f, min(args.batches), 0.0)["method"])
-                               for f in FAMILIES]
+        best = [best_of(cells, f, min(args.batches), 0.0) for f in FAMILIES]
+        contenders = [NONE] + [next(m for m in methods if m.name == b["method"]) for b in best if b]
         stories = [ids for cat, ids in prompts if cat == "tinystories"][:3]
         longest = MAX_MODEL_LEN - max(len(p) for p in stories) - 1
         log(f"output lengths 64 / 256 / {longest}: {', '.join(m.name for m in contenders)}")
         length_cells = run_lengths(contenders, stories, [64, 256, longest], args.repeats, log)
-    stem = "spec_bench_quick" if args.quick else "spec_bench"
+    stem = "spec_bench_quick" if args.quick else "spec_bench_only" if args.only else "spec_bench"
     RESULTS.mkdir(parents=True, exist_ok=True)
     minutes = (time.time() - started) / 60
     (RESULTS / f"{stem}.md").write_text(report(cells, length_cells, env, args, minutes))

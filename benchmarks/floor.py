@@ -1,0 +1,143 @@
+"""Never slower than plain decoding: specdiff with every default setting against plain
+decoding at every concurrency from 1 to 64, and through a load change.
+
+    python benchmarks/floor.py            # b = 1 2 4 8 16 32 64, greedy and temperature 1 (~40 min)
+    python benchmarks/floor.py --quick    # b = 1 8 32, greedy
+
+Protocol (spec_bench.py's): a cell b runs engines with ``max_num_seqs = b`` and submits 3b
+prompts at once (Spec-Bench and held-out TinyStories, round-robin), 128 new tokens each;
+one untimed warm-up round, then ``--repeats`` interleaved rounds; cells show the median
+and [min-max] of the per-repeat ratios to plain decoding in the same round.
+
+Methods: plain decoding; specdiff with this commit's defaults; and the floor, specdiff's
+engine with drafting switched off (draft length 0 every step), which measures what
+vLLM's speculative mode itself costs.
+
+Load change: engines with ``max_num_seqs = 64``; one request starts alone and, once it
+has 32 tokens, 63 more arrive at once; the time until all 64 have their 128 tokens.
+
+Results: benchmarks/results/floor[_quick].{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from spec_bench import (NONE, RESULTS, Engines, Method, environment, fmt,  # noqa: E402
+                        load_prompts, median_range, run_rounds, specdiff, speedup_cell,
+                        summarise)
+
+from vllm_specdiff.config import SpecDiffConfig  # noqa: E402
+from vllm_specdiff.runtime import EMBEDDED_TARGET, prepare_process  # noqa: E402
+
+DEFAULTS = SpecDiffConfig()
+DEFAULT = specdiff(DEFAULTS.num_speculative_tokens, DEFAULTS.diffusion_steps)
+DEFAULT = Method(f"specdiff defaults (g{DEFAULTS.gamma} T{DEFAULTS.diffusion_steps})", "specdiff",
+                 DEFAULT.speculative_config)
+DRAFTING_OFF = Method("specdiff, drafting off", "specdiff-off", DEFAULT.speculative_config)
+METHODS = [NONE, DEFAULT, DRAFTING_OFF]
+GOAL = 0.95
+LOAD_CHANGE = dict(batch=64, first_tokens=32)
+
+
+def report(cells, load_cells, env, args, minutes) -> str:
+    lines = ["# The floor: specdiff's defaults vs plain decoding, concurrency 1 to 64", "",
+             f"Command: `{env['command']}`  ", f"Commit: {env['commit']}  ",
+             f"Date: {env['date']}; wall time {minutes:.0f} min  ",
+             f"Machine: {env['cpu']}, {env['cores']} cores, torch threads {env['torch_threads']}, "
+             f"Intel OpenMP preloaded: {env['omp_preload']}; vLLM {env['vllm']} (CPU), {env['dtype']}  ",
+             f"Workload: cell b = max_num_seqs b, 3b prompts at once, {args.max_tokens} new tokens "
+             f"each; one warm-up round, then {args.repeats} interleaved repeats. Goal: specdiff "
+             f">= {GOAL}x plain decoding in every cell.", "",
+             "Cells: median [min-max] of per-repeat ratios to plain decoding in the same round; "
+             "`~` marks a range that straddles 1.0.", ""]
+    for temperature in sorted({c["temperature"] for c in cells}):
+        mode = "greedy" if temperature == 0 else f"temperature {temperature:g}"
+        batches = sorted({c["batch"] for c in cells if c["temperature"] == temperature})
+        lines += [f"## {mode.capitalize()}", "",
+                  "| method | " + " | ".join(f"b={b}" for b in batches) + " |",
+                  "|---|" + "---|" * len(batches)]
+        for name in dict.fromkeys(c["method"] for c in cells):
+            row = {c["batch"]: c for c in cells if c["method"] == name and c["temperature"] == temperature}
+            lines.append(f"| {name} | " + " | ".join(
+                (f"{fmt(row[b]['tokens_per_s'])} tok/s" if name == "none" else speedup_cell(row[b]))
+                if b in row else "-" for b in batches) + " |")
+        spec = [c for c in cells if c["method"] == DEFAULT.name and c["temperature"] == temperature]
+        worst = min(spec, key=lambda c: median_range(c["speedup"])[0])
+        lines += ["", f"Worst specdiff cell: b={worst['batch']}, {speedup_cell(worst)} "
+                  f"({'meets' if median_range(worst['speedup'])[0] >= GOAL else 'misses'} the "
+                  f"{GOAL}x goal); tau by batch: " + ", ".join(
+                      f"b={c['batch']} {c['tau']:.2f}" for c in spec if c["tau"]), ""]
+    if load_cells:
+        lines += [f"## Load change (max_num_seqs {LOAD_CHANGE['batch']}: 1 request, then "
+                  f"{LOAD_CHANGE['batch'] - 1} more after its first {LOAD_CHANGE['first_tokens']} "
+                  "tokens)", "", "| method | tokens/s | speedup | tau |", "|---|---|---|---:|"]
+        for c in load_cells:
+            lines.append(f"| {c['method']} | {fmt(c['tokens_per_s'])} | "
+                         f"{'-' if c['method'] == 'none' else speedup_cell(c)} | "
+                         f"{'-' if c['tau'] is None else format(c['tau'], '.2f')} |")
+        lines.append("")
+    lines += ["## Settings", ""] + [f"- `{m.name}`: `{json.dumps(m.speculative_config, sort_keys=True)}`"
+                                    for m in METHODS]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--batches", type=int, nargs="+", default=None)
+    ap.add_argument("--temperatures", type=float, nargs="+", default=None)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--no-load-change", action="store_true")
+    args = ap.parse_args()
+    args.batches = args.batches or ([1, 8, 32] if args.quick else [1, 2, 4, 8, 16, 32, 64])
+    args.temperatures = args.temperatures or ([0.0] if args.quick else [0.0, 1.0])
+    prepare_process(quiet=True)
+    from transformers import AutoTokenizer
+
+    env = environment("floor.py", sys.argv[1:])
+    prompts = [ids for _, ids in load_prompts(AutoTokenizer.from_pretrained(str(EMBEDDED_TARGET)), 256)]
+    started = time.time()
+
+    def log(message):
+        print(f"[{(time.time() - started) / 60:5.1f} min] {message}", flush=True)
+
+    cells, load_cells = [], []
+    for batch in args.batches:
+        engines = Engines(METHODS, batch)
+        try:
+            for temperature in args.temperatures:
+                runs = run_rounds(engines, METHODS, prompts[: 3 * batch], args.max_tokens,
+                                  temperature, args.repeats, log, f"b={batch} t={temperature}")
+                cells += summarise(METHODS, runs, batch, temperature)
+        finally:
+            engines.close()
+    if not args.no_load_change:
+        engines = Engines(METHODS, LOAD_CHANGE["batch"])
+        try:
+            runs = run_rounds(engines, METHODS, prompts[: LOAD_CHANGE["batch"]], args.max_tokens,
+                              0.0, args.repeats, log, "load change", LOAD_CHANGE["first_tokens"])
+            load_cells = summarise(METHODS, runs, LOAD_CHANGE["batch"], 0.0)
+        finally:
+            engines.close()
+    stem = "floor_quick" if args.quick else "floor"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    env.update(batches=args.batches, temperatures=args.temperatures, repeats=args.repeats,
+               max_tokens=args.max_tokens, load_change=LOAD_CHANGE)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(
+        {**env, "cells": cells, "load_change_cells": load_cells}, indent=1) + "\n")
+    (RESULTS / f"{stem}.md").write_text(report(cells, load_cells, env, args,
+                                               (time.time() - started) / 60))
+    log(f"wrote {RESULTS / stem}.md")
+
+
+if __name__ == "__main__":
+    main()
