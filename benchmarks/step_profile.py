@@ -98,6 +98,9 @@ class StepTimers:
             if "." in attr:  # ... or a class's method
                 cls_name, attr = attr.split(".")
                 owner = getattr(owner, cls_name)
+            if not hasattr(owner, attr):  # an older commit of the plugin (--label before)
+                print(f"step_profile: {target} does not exist here; its row stays 0")
+                continue
             setattr(owner, attr, self._timed(label, getattr(owner, attr)))
 
     def _timed(self, label, fn):
@@ -242,6 +245,8 @@ def main() -> int:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--max-tokens", type=int, default=None)
     ap.add_argument("--only", default=None, help="run only the methods whose name contains this")
+    ap.add_argument("--label", default=None,
+                    help="added to the result file's name, e.g. 'before' when run on an older commit")
     args = ap.parse_args()
     prepare_process(quiet=True)
     from spec_bench import environment
@@ -264,7 +269,7 @@ def main() -> int:
         cells += profile(name, spec, batches, max_tokens, args.temperature, timers, prompts,
                          lambda m: print(m, flush=True))
     stem = "step_profile" + ("_quick" if args.quick else "") + (
-        f"_t{args.temperature:g}" if args.temperature else "")
+        f"_t{args.temperature:g}" if args.temperature else "") + (f"_{args.label}" if args.label else "")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps({**env, "cells": cells}, indent=1) + "\n")
     (RESULTS / f"{stem}.md").write_text(report(cells, env))
