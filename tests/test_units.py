@@ -137,9 +137,9 @@ def test_adaptive_converges_within_a_few_steps_of_a_128_token_run():
     best = engine.best(1, a.draft_lens)
     assert best == 4  # the scripted costs make the cliff after position 4 matter
     choices = [engine.step(a, 1) for _ in range(40)]  # ~128 tokens at ~3.3 tokens a step
-    assert choices[:4] == [0, 0, 8, 8]  # plain, then the longest draft: two arms measured
-    assert choices[4] == best  # predicted, not searched for
-    assert choices.count(best) >= 0.85 * len(choices[4:])
+    assert choices[:6] == [0, 0, 0, 8, 8, 8]  # plain, then the longest draft: two arms measured
+    assert choices[6] == best  # predicted, not searched for
+    assert choices.count(best) >= 0.8 * len(choices[6:])
 
 
 def test_adaptive_follows_a_load_change_and_remembers_each_load():
@@ -149,7 +149,7 @@ def test_adaptive_follows_a_load_change_and_remembers_each_load():
     assert at_1[-10:].count(engine.best(1, a.draft_lens)) >= 8
     assert engine.best(64, a.draft_lens) == 0
     at_64 = [engine.step(a, 64) for _ in range(30)]
-    assert all(k == 0 for k in at_64[4:])  # two steps of gamma measured, then off
+    assert all(k == 0 for k in at_64[6:])  # three steps of gamma measured, then off
     back = [engine.step(a, 1) for _ in range(10)]
     assert back[0] == engine.best(1, a.draft_lens)  # the batch-1 bucket is remembered
 
@@ -161,11 +161,38 @@ def test_adaptive_never_picks_an_arm_measured_below_plain_decoding():
         batch = 8
         k = a.next_draft_len(batch)
         arms = a.buckets[bucket_of(batch)].arms
-        measured = {n for n, arm in arms.items() if arm.samples >= 2}
+        measured = {n for n, arm in arms.items() if arm.samples >= a.warm_samples}
         if k and {0, k} <= measured:
             assert a.goodput(batch, k) >= a.goodput(batch, 0), (k, arms)
         accepted = tuple(1 if engine.rng.random() < 0.6 and k else 0 for _ in range(batch))
         a.observe(StepOutcome(batch, k, batch + sum(accepted), engine.cost(batch, k), accepted))
+
+
+def test_one_slow_step_does_not_decide_the_draft_length():
+    """A garbage-collection pause or a one-time warm-up makes one step many times
+    slower: the arm's cost is the median of its recent steps, so the choice holds."""
+    engine = ScriptedEngine(GOOD_DRAFTER, draft=3e-3)
+    a = AdaptiveDraftLength(8)
+    for _ in range(20):
+        engine.step(a, 64)
+    assert a.next_draft_len(64) == 0
+    a.observe(StepOutcome(64, 0, 64, 1.5 * engine.cost(64, 0) * 10))  # one 15x slower plain step
+    assert [engine.step(a, 64) for _ in range(10)].count(0) >= 9
+
+
+def test_plain_decoding_is_re_measured_so_a_stale_cost_cannot_stick():
+    engine = ScriptedEngine(GOOD_DRAFTER, draft=3e-3)
+    a = AdaptiveDraftLength(8, probe_every=4)
+    for _ in range(3):  # plain decoding measured while the machine was busy: 5x too slow
+        a.observe(StepOutcome(64, 0, 64, 5 * engine.cost(64, 0)))
+    choices = [engine.step(a, 64) for _ in range(60)]
+    assert choices[-20:].count(0) >= 18  # re-measured at its real cost, then chosen
+
+
+def test_steps_without_known_per_request_acceptance_teach_no_acceptance():
+    a = AdaptiveDraftLength(8)
+    a.observe(StepOutcome(8, 8, 8, 0.01, accepted=()))  # e.g. every row was an n-gram warm-up row
+    assert a.position_evidence == [0] * 8
 
 
 def test_acceptance_model_learns_the_per_position_probabilities():

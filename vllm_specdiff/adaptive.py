@@ -30,7 +30,9 @@ One input, one output: ``observe(StepOutcome)`` after each decode step, and
 from __future__ import annotations
 
 import logging
+import statistics
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 logger = logging.getLogger("vllm.specdiff")
@@ -61,13 +63,26 @@ def bucket_of(batch: int) -> int:
     return max(0, (batch - 1).bit_length())
 
 
+RECENT = 9  # step costs an arm remembers; their median is its cost
+
+
 @dataclass
 class Arm:
-    """Exponential averages of one draft length in one bucket."""
+    """The recent step costs of one draft length in one bucket. A median, not a mean:
+    a garbage-collection pause or a one-time warm-up (a new shape, a JIT) makes single
+    steps several times slower, and one such step must not decide the draft length."""
 
-    seconds: float = 0.0  # step cycle cost
-    rate: float = 0.0  # tokens per second
+    costs: deque = field(default_factory=lambda: deque(maxlen=RECENT))
+    rates: deque = field(default_factory=lambda: deque(maxlen=RECENT))  # tokens/s, for logs
     samples: int = 0
+
+    @property
+    def seconds(self) -> float:
+        return statistics.median(self.costs)
+
+    @property
+    def rate(self) -> float:
+        return statistics.median(self.rates)
 
 
 @dataclass
@@ -78,7 +93,7 @@ class Bucket:
 
 class AdaptiveDraftLength:
     def __init__(self, gamma: int, enabled: bool = True, ema: float = 0.3,
-                 warm_samples: int = 2, probe_every: int = 16, log_interval_s: float = 10.0):
+                 warm_samples: int = 3, probe_every: int = 16, log_interval_s: float = 10.0):
         self.gamma = gamma
         self.enabled = enabled
         self.draft_lens = candidate_draft_lens(gamma)
@@ -106,14 +121,10 @@ class AdaptiveDraftLength:
             self._learn_acceptance(step.draft_len, step.accepted)
         arm = self.buckets.setdefault(bucket_of(step.batch), Bucket()).arms.setdefault(
             step.draft_len, Arm())
-        rate = step.tokens / step.seconds
-        if arm.samples and rate < arm.rate / 20:  # an idle gap, not a step: ignore
+        if arm.samples and step.seconds > 20 * arm.seconds:  # an idle gap, not a step: ignore
             return
-        if arm.samples == 0:
-            arm.seconds, arm.rate = step.seconds, rate
-        else:
-            arm.seconds += self.ema * (step.seconds - arm.seconds)
-            arm.rate += self.ema * (rate - arm.rate)
+        arm.costs.append(step.seconds)
+        arm.rates.append(step.tokens / step.seconds)
         arm.samples += 1
 
     def _learn_acceptance(self, draft_len: int, accepted: tuple[int, ...]) -> None:
@@ -181,8 +192,9 @@ class AdaptiveDraftLength:
             ranked = sorted(self.draft_lens, key=lambda n: rates[n], reverse=True)
             choice = ranked[0]
             if bucket.steps % self.probe_every == 0:
-                # Re-measure another arm, never one whose goodput is below plain decoding's.
-                others = [n for n in ranked[1:] if n and rates[n] >= rates[0]]
+                # Re-measure another arm, never one whose goodput is below plain
+                # decoding's (plain decoding itself is re-measured too: costs drift).
+                others = [n for n in ranked[1:] if rates[n] >= rates[0] or n == 0]
                 if others:
                     choice = others[(bucket.steps // self.probe_every) % len(others)]
         self._log(bucket_of(batch), choice, batch)

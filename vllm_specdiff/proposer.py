@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -45,6 +46,15 @@ class Proposal:
 
     token_ids: list[list[int]]  # row -> draft tokens ([] = no draft for that row)
     q: DraftQ | None = None  # None: every row is verified greedily or as a point mass
+
+
+class LastStep(NamedTuple):
+    """What the next call needs to measure the step this call drafted for."""
+
+    draft_len: int
+    batch: int
+    started: float  # perf_counter at drafting
+    full_drafts: frozenset  # requests the MDLM drafted draft_len tokens for
 
 
 @dataclass
@@ -96,7 +106,7 @@ class SpecDiffProposer:
         self.ngram = None
         self.tp_group = None  # vLLM's tensor-parallel group when it has more than one rank
         self._draft_generators: dict[str, torch.Generator] = {}
-        self._last_step: tuple[int, int, float] | None = None  # (draft_len, batch, start)
+        self._last_step: LastStep | None = None
 
     # vLLM calls this inside the model runner's load_model.
     def load_model(self, target_model=None) -> None:
@@ -144,18 +154,23 @@ class SpecDiffProposer:
         """
         assert self.drafter is not None, "load_model() was not called"
         now = time.perf_counter()
-        if self._last_step is not None and pure_decode:
-            draft_len, batch, started = self._last_step
-            done = [len(s) for s in sampled_token_ids if s]
-            self.adaptive.observe(StepOutcome(batch, draft_len, sum(done), now - started,
-                                              accepted=tuple(n - 1 for n in done)))
+        last = self._last_step
+        if last is not None and pure_decode:
+            # Acceptance is learned from the rows the MDLM drafted at the chosen length
+            # only (not from n-gram warm-up rows or rows cut short by the length limit).
+            req_ids = input_batch.req_ids if input_batch is not None else ()
+            accepted = tuple(len(s) - 1 for rid, s in zip(req_ids, sampled_token_ids)
+                             if s and rid in last.full_drafts)
+            self.adaptive.observe(StepOutcome(last.batch, last.draft_len,
+                                              sum(len(s) for s in sampled_token_ids),
+                                              now - last.started, accepted))
         warmup = (self.config.warmup_tokens if input_batch is not None
                   and self.config.warmup_method != "specdiff" else 0)
         plan = plan_rows(sampled_token_ids, num_tokens_no_spec,
                          None if input_batch is None else input_batch.num_prompt_tokens,
                          self.max_model_len, warmup)
         draft_len = self._agreed_draft_len(plan.batch)
-        self._last_step = (draft_len, plan.batch, now)
+        self._last_step = LastStep(draft_len, plan.batch, now, frozenset())
         token_ids: list[list[int]] = [[] for _ in sampled_token_ids]
         generators = self._generators(input_batch)
         # Seeded requests always draft the full gamma: their random streams are then
@@ -177,6 +192,9 @@ class SpecDiffProposer:
             # Never draft past the model's length limit.
             room = self.max_model_len - int(num_tokens_no_spec[row]) - 1
             token_ids[row] = toks[: max(0, min(lengths[row], room))]
+        if input_batch is not None and draft_len:
+            self._last_step = self._last_step._replace(full_drafts=frozenset(
+                input_batch.req_ids[row] for row in mdlm_rows if len(token_ids[row]) == draft_len))
         return Proposal(token_ids, draft_q(draft, mdlm_rows, token_ids))
 
     # -- helpers ---------------------------------------------------------------
