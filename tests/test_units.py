@@ -137,9 +137,11 @@ def test_adaptive_converges_within_a_few_steps_of_a_128_token_run():
     best = engine.best(1, a.draft_lens)
     assert best == 4  # the scripted costs make the cliff after position 4 matter
     choices = [engine.step(a, 1) for _ in range(40)]  # ~128 tokens at ~3.3 tokens a step
-    assert choices[:6] == [0, 0, 0, 8, 8, 8]  # plain, then the longest draft: two arms measured
-    assert choices[6] == best  # predicted, not searched for
-    assert choices.count(best) >= 0.8 * len(choices[6:])
+    # Plain decoding, then the longest draft until 8 drafted rows have shown their
+    # acceptance (at batch 1, 8 steps): two arms measured, the rest predicted.
+    assert choices[:11] == [0, 0, 0] + [8] * 8
+    assert choices[11] == best  # predicted, not searched for
+    assert choices.count(best) >= 0.8 * len(choices[11:])
 
 
 def test_adaptive_follows_a_load_change_and_remembers_each_load():
@@ -193,6 +195,28 @@ def test_steps_without_known_per_request_acceptance_teach_no_acceptance():
     a = AdaptiveDraftLength(8)
     a.observe(StepOutcome(8, 8, 8, 0.01, accepted=()))  # e.g. every row was an n-gram warm-up row
     assert a.position_evidence == [0] * 8
+
+
+def test_drafting_continues_until_the_drafters_acceptance_has_been_seen():
+    """A request's first tokens are n-gram warm-up drafts, which teach nothing about the
+    MDLM: the controller keeps the longest draft until MDLM rows report acceptance
+    (it once stopped drafting for good at batch 1 this way)."""
+    engine = ScriptedEngine(GOOD_DRAFTER)
+    a = AdaptiveDraftLength(8)
+    for _ in range(12):  # warm-up steps: drafts of length k, no MDLM acceptance known
+        k = a.next_draft_len(1)
+        a.observe(StepOutcome(1, k, 1, engine.cost(1, k), accepted=()))
+    assert a.next_draft_len(1) == 8
+    choices = [engine.step(a, 1) for _ in range(20)]
+    assert choices[-10:].count(engine.best(1, a.draft_lens)) >= 8
+
+
+def test_an_arm_below_plain_decoding_is_re_measured_only_after_forget_after_steps():
+    engine = ScriptedEngine(GOOD_DRAFTER, draft=3e-3)
+    a = AdaptiveDraftLength(8, forget_after=100)
+    choices = [engine.step(a, 64) for _ in range(250)]
+    assert choices[6:100].count(8) == 0
+    assert 8 in choices[100:] and choices[100:].count(8) <= 2 * 3
 
 
 def test_acceptance_model_learns_the_per_position_probabilities():

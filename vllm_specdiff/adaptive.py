@@ -64,6 +64,8 @@ def bucket_of(batch: int) -> int:
 
 
 RECENT = 9  # step costs an arm remembers; their median is its cost
+ACCEPTANCE_DECAY = 0.95  # per step: the acceptance model follows the last ~20 steps
+MIN_EVIDENCE = 8  # drafted rows seen at position 0 before acceptance is predicted from
 
 
 @dataclass
@@ -75,6 +77,7 @@ class Arm:
     costs: deque = field(default_factory=lambda: deque(maxlen=RECENT))
     rates: deque = field(default_factory=lambda: deque(maxlen=RECENT))  # tokens/s, for logs
     samples: int = 0
+    last_step: int = 0  # the bucket's step count at the latest sample
 
     @property
     def seconds(self) -> float:
@@ -92,20 +95,23 @@ class Bucket:
 
 
 class AdaptiveDraftLength:
-    def __init__(self, gamma: int, enabled: bool = True, ema: float = 0.3,
-                 warm_samples: int = 3, probe_every: int = 16, log_interval_s: float = 10.0):
+    def __init__(self, gamma: int, enabled: bool = True,
+                 warm_samples: int = 3, probe_every: int = 16, forget_after: int = 256,
+                 log_interval_s: float = 10.0):
         self.gamma = gamma
         self.enabled = enabled
         self.draft_lens = candidate_draft_lens(gamma)
-        self.ema = ema
         self.warm_samples = warm_samples
         self.probe_every = probe_every
+        self.forget_after = forget_after
         self.log_interval_s = log_interval_s
         self.buckets: dict[int, Bucket] = {}
         # P(position i accepted | position i-1 accepted), i = 1..gamma, with the number
         # of requests that reached each position (0: no evidence yet).
         self.position_acceptance = [0.0] * gamma
-        self.position_evidence = [0] * gamma
+        self.position_evidence = [0] * gamma  # rows seen at each position, ever
+        self._reached = [0.0] * gamma
+        self._passed = [0.0] * gamma
         self.acceptance = 0.0  # accepted / drafted tokens (ema), for the logs
         self._last_choice: dict[int, int] = {}
         self._last_log = 0.0
@@ -119,8 +125,9 @@ class AdaptiveDraftLength:
             accepted = (step.tokens - step.batch) / (step.batch * step.draft_len)
             self.acceptance = 0.9 * self.acceptance + 0.1 * min(1.0, max(0.0, accepted))
             self._learn_acceptance(step.draft_len, step.accepted)
-        arm = self.buckets.setdefault(bucket_of(step.batch), Bucket()).arms.setdefault(
-            step.draft_len, Arm())
+        bucket = self.buckets.setdefault(bucket_of(step.batch), Bucket())
+        arm = bucket.arms.setdefault(step.draft_len, Arm())
+        arm.last_step = bucket.steps
         if arm.samples and step.seconds > 20 * arm.seconds:  # an idle gap, not a step: ignore
             return
         arm.costs.append(step.seconds)
@@ -128,17 +135,16 @@ class AdaptiveDraftLength:
         arm.samples += 1
 
     def _learn_acceptance(self, draft_len: int, accepted: tuple[int, ...]) -> None:
+        """Decayed counts of requests that reached and passed each position; the estimate
+        is (passed + 1/2) / (reached + 1), so a handful of rows cannot pin it to 0 or 1."""
         for i in range(min(draft_len, self.gamma)):
-            reached = [a for a in accepted if a >= i]
+            reached = sum(a >= i for a in accepted)
             if not reached:
                 break
-            passed = sum(a > i for a in reached) / len(reached)
-            w = min(1.0, len(reached) / (len(reached) + 4))  # more requests, more weight
-            if self.position_evidence[i] == 0:
-                self.position_acceptance[i] = passed
-            else:
-                self.position_acceptance[i] += w * self.ema * (passed - self.position_acceptance[i])
-            self.position_evidence[i] += len(reached)
+            self._reached[i] = ACCEPTANCE_DECAY * self._reached[i] + reached
+            self._passed[i] = ACCEPTANCE_DECAY * self._passed[i] + sum(a > i for a in accepted)
+            self.position_acceptance[i] = (self._passed[i] + 0.5) / (self._reached[i] + 1.0)
+            self.position_evidence[i] += reached
 
     # -- model ---------------------------------------------------------------------
 
@@ -182,11 +188,19 @@ class AdaptiveDraftLength:
             return self.gamma
         bucket = self.buckets.setdefault(bucket_of(batch), Bucket())
         bucket.steps += 1
+        # A measurement not refreshed for `forget_after` steps is dropped: an arm once
+        # measured below plain decoding is re-measured after that long, in case the
+        # traffic or the machine changed (3 steps in 256 at most).
+        for n in [n for n, a in bucket.arms.items() if bucket.steps - a.last_step > self.forget_after]:
+            del bucket.arms[n]
         warm = {n for n, a in bucket.arms.items() if a.samples >= self.warm_samples}
         if 0 not in warm:
             choice = 0  # plain decoding: the reference, measured at no extra cost
-        elif self.gamma not in warm:
-            choice = self.gamma  # the longest draft: acceptance at every position
+        elif self.gamma not in warm or self.position_evidence[0] < MIN_EVIDENCE:
+            # The longest draft: its cost, and the acceptance at every position. Until
+            # the drafter's acceptance has been seen at all (a request's first tokens
+            # are drafted by the n-gram warm-up), nothing can be predicted.
+            choice = self.gamma
         else:
             rates = {n: self.goodput(batch, n) for n in self.draft_lens}
             ranked = sorted(self.draft_lens, key=lambda n: rates[n], reverse=True)
