@@ -15,13 +15,13 @@ learned from the steps it sees:
 
 The goodput of draft length k is batch * tokens(k) / cost(k). A new bucket measures
 two arms only: 0 (plain decoding, which costs nothing extra to measure) and gamma
-(which shows the acceptance at every position and the most expensive step); every
-other length is then predicted, and each step runs the best one, whose measured cost
-replaces the interpolation once it has run. Every ``probe_every`` steps another arm
-whose goodput is at least plain decoding's is re-measured, so the costs stay current;
-an arm below plain decoding is never run again: once drafting does not pay in a
-bucket, the controller leaves draft length 0 only when the acceptance it keeps
-learning from other buckets predicts a gain.
+(which shows the acceptance at every position and the most expensive step), and keeps
+gamma until the drafter's acceptance has been seen on a few rows; every other length
+is then predicted, and each step runs the best one, whose measured cost replaces the
+interpolation once it has run. Every ``probe_every`` steps plain decoding or another
+arm whose goodput is at least plain decoding's is re-measured, so the costs stay
+current; an arm below plain decoding is not run again until its measurement is
+``forget_after`` steps old (traffic and machines change).
 
 One input, one output: ``observe(StepOutcome)`` after each decode step, and
 ``next_draft_len(batch)`` before drafting the next one.
