@@ -99,7 +99,6 @@ class SpecDiffProposer:
         self.config: SpecDiffConfig = vllm_config.additional_config[ADDITIONAL_CONFIG_KEY]
         self.vllm_config = vllm_config
         self.target_dtype = vllm_config.model_config.dtype
-        self.target_vocab = vllm_config.model_config.get_vocab_size()
         self.max_model_len = vllm_config.model_config.max_model_len
         self.drafter: DiffusionDrafter | None = None
         self.adaptive = AdaptiveDraftLength(self.config.gamma, enabled=self.config.adaptive)
