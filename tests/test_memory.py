@@ -76,7 +76,11 @@ def measure(steps: int) -> dict:
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
-@pytest.mark.parametrize("steps, drafting_bound", [(1, 1.15), (2, 1.65)])
+# Measured here: drafting 1.10 (T=1) and 1.56 (T=2), verification 0.40-0.52 units. The
+# bounds leave room for the allocator's variation between runs (small tensors can stay
+# in the heap) and still fail on any extra full copy, which adds a whole unit: 19edb27's
+# drafter peaked at 4.03 / 5.05 units.
+@pytest.mark.parametrize("steps, drafting_bound", [(1, 1.5), (2, 2.0)])
 def test_peak_memory_of_q_at_batch_256_gpt2_vocab(steps, drafting_bound):
     m = measure(steps)
     unit = m["unit"]
@@ -86,4 +90,4 @@ def test_peak_memory_of_q_at_batch_256_gpt2_vocab(steps, drafting_bound):
     assert m["drafting"] <= drafting_bound * unit
     # The walk's and the final draw's per-request rows ([B, V], 1/12 of a unit each, a
     # handful alive at once); a [N, V] copy of the target rows or of q would be a unit.
-    assert m["verifying"] <= 0.6 * unit
+    assert m["verifying"] <= 1.0 * unit
