@@ -25,12 +25,13 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from spec_bench import (NONE, RESULTS, Engines, Method, environment, fmt,  # noqa: E402
+from spec_bench import (NONE, RESULTS, Engines, environment, fmt,  # noqa: E402
                         load_prompts, median_range, run_rounds, specdiff, speedup_cell,
                         summarise)
 
@@ -38,10 +39,9 @@ from vllm_specdiff.config import SpecDiffConfig  # noqa: E402
 from vllm_specdiff.runtime import EMBEDDED_TARGET, prepare_process  # noqa: E402
 
 DEFAULTS = SpecDiffConfig()
-DEFAULT = specdiff(DEFAULTS.num_speculative_tokens, DEFAULTS.diffusion_steps)
-DEFAULT = Method(f"specdiff defaults (g{DEFAULTS.gamma} T{DEFAULTS.diffusion_steps})", "specdiff",
-                 DEFAULT.speculative_config)
-DRAFTING_OFF = Method("specdiff, drafting off", "specdiff-off", DEFAULT.speculative_config)
+DEFAULT = replace(specdiff(DEFAULTS.num_speculative_tokens, DEFAULTS.diffusion_steps),
+                  name=f"specdiff defaults (g{DEFAULTS.gamma} T{DEFAULTS.diffusion_steps})")
+DRAFTING_OFF = replace(DEFAULT, name="specdiff, drafting off", family="specdiff-off")
 METHODS = [NONE, DEFAULT, DRAFTING_OFF]
 GOAL = 0.95
 LOAD_CHANGE = dict(batch=64, first_tokens=32)

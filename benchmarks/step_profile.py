@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from vllm_specdiff.runtime import (EMBEDDED_DRAFTER, EMBEDDED_TARGET,  # noqa: E402
+from vllm_specdiff.runtime import (EMBEDDED_TARGET,  # noqa: E402
                                    HELD_OUT_TEXT, close_engine, cpu_engine_defaults,
                                    prepare_process)
 
@@ -140,20 +140,18 @@ FLOOR = "specdiff, draft length 0"
 
 
 def methods(quick: bool) -> dict[str, dict | None]:
+    """Settings pinned as spec_bench.py pins them (every default written out)."""
+    from spec_bench import ngram, specdiff
+
     from vllm_specdiff.config import SpecDiffConfig
 
-    default = {**SpecDiffConfig()._asdict(), "model": str(EMBEDDED_DRAFTER)}
-    default.pop("drafter_path")
-    out = {"none": None,
-           "ngram g4": {"method": "ngram", "num_speculative_tokens": 4,
-                        "prompt_lookup_min": 1, "prompt_lookup_max": 4},
-           f"specdiff default (g{default['num_speculative_tokens']} T{default['diffusion_steps']})":
-               {"method": "specdiff", **default}}
-    # The floor: the same engine with drafting switched off (draft length 0 every step).
-    out[FLOOR] = {"method": "specdiff", **default}
+    d = SpecDiffConfig()
+    default = specdiff(d.num_speculative_tokens, d.diffusion_steps).speculative_config
+    out = {"none": None, "ngram g4": ngram(4).speculative_config,
+           f"specdiff default (g{d.gamma} T{d.diffusion_steps})": default,
+           FLOOR: default}  # the floor: the same engine, drafting switched off
     if not quick:
-        out["specdiff g8 T1 fixed"] = {"method": "specdiff", **default, "num_speculative_tokens": 8,
-                                       "diffusion_steps": 1, "adaptive": False}
+        out["specdiff g8 T1 fixed"] = specdiff(8, 1, adaptive=False).speculative_config
     return out
 
 
