@@ -17,6 +17,7 @@ METHOD = "specdiff"
 MAX_GAMMA = 64
 DRAFTER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 WARMUP_METHODS = ("none", "ngram", "specdiff")
+DRAFTER_CACHES = ("auto", "exact", "approximate", "off")
 ADDITIONAL_CONFIG_KEY = "specdiff"  # where the settings travel in vLLM's additional_config
 
 
@@ -37,9 +38,16 @@ class SpecDiffConfig(NamedTuple):
     diffusion_steps: int = 1
     # Which masked positions each step reveals: left_to_right | random | confidence.
     schedule: str = "left_to_right"
-    # W: the drafter sees the last W context tokens (longer contexts are cut). Each
-    # drafter pass costs W + gamma tokens.
-    context_window: int = 16
+    # W: the drafter sees the last W context tokens (longer contexts are cut); null:
+    # the whole context, up to the drafter's model_length - gamma. Without the drafter
+    # cache each pass costs W + gamma tokens; with it, gamma plus the new tokens.
+    context_window: int | None = 16
+    # Keep each request's context keys and values between steps (drafter_cache.py):
+    # exact (block-causal drafters) | approximate (bidirectional drafters, refreshed
+    # every cache_refresh_steps steps) | off (re-encode the last W tokens every pass) |
+    # auto (exact for block-causal drafters, off for bidirectional ones).
+    drafter_cache: str = "auto"
+    cache_refresh_steps: int = 4
     # auto (the target's dtype) | float32 | bfloat16 | float16. A bfloat16 drafter is
     # faster on AVX512-BF16 CPUs and still exact, but its q then shifts slightly with
     # batch padding, so seeded sampled requests reproduce only when batched alike.
@@ -92,8 +100,14 @@ class SpecDiffConfig(NamedTuple):
                  f"T must be an integer in [1, num_speculative_tokens={self.gamma}]")
         if self.schedule not in SCHEDULES:
             fail("schedule", f"must be one of {list(SCHEDULES)}")
-        if not is_int(self.context_window) or self.context_window < 1:
-            fail("context_window", "W must be an integer >= 1")
+        if self.context_window is not None and (
+                not is_int(self.context_window) or self.context_window < 1):
+            fail("context_window", "W must be an integer >= 1, or null for the whole context")
+        if self.drafter_cache not in DRAFTER_CACHES:
+            fail("drafter_cache", f"must be one of {list(DRAFTER_CACHES)}")
+        if not is_int(self.cache_refresh_steps) or self.cache_refresh_steps < 1:
+            fail("cache_refresh_steps", "must be an integer >= 1 (drafting steps between "
+                 "re-encodings of an approximate cache)")
         if self.drafter_dtype not in DRAFTER_DTYPES:
             fail("drafter_dtype", f"must be one of {list(DRAFTER_DTYPES)}")
         if self.draft_temperature is not None and not (

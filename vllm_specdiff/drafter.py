@@ -19,7 +19,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from vllm_specdiff.model import MDLM
+from vllm_specdiff.drafter_cache import DrafterCache
+from vllm_specdiff.model import MDLM, Past, block_causal_mask
 from vllm_specdiff.schedules import is_exact, reveal_mask
 
 GREEDY = 0.0
@@ -56,6 +57,15 @@ class ContextBatch(NamedTuple):
         return cls(tokens, np.arange(len(contexts)), lengths)
 
 
+class CachedCanvasArgs(NamedTuple):
+    """How a draft call uses the drafter cache (see ``CachedCanvas``)."""
+
+    cache: DrafterCache
+    slots: np.ndarray  # [B] each row's slot
+    causal_context: bool  # block-causal drafter: the cache is exact
+    refresh_steps: int | None  # approximate caches: re-encode a slot this often
+
+
 SAMPLING_CHUNK = 16  # rows whose CDF is built at once: bounds the sampling's scratch memory
 
 
@@ -73,13 +83,149 @@ def softmax_(x: torch.Tensor, temps: torch.Tensor) -> torch.Tensor:
     return x.div_(x.sum(-1, keepdim=True))
 
 
+class WindowCanvas:
+    """[last W context tokens, MASK x draft_len] per row, right-aligned so every row's
+    draft positions share the same columns (shorter contexts left-padded, the padding
+    hidden from attention), built with one gather and re-encoded by every pass."""
+
+    def __init__(self, drafter: "DiffusionDrafter", contexts: ContextBatch, draft_len: int):
+        self.model, self.draft_len = drafter.model, draft_len
+        lengths = np.minimum(contexts.lengths, drafter.context_window)
+        width = int(lengths.max()) + draft_len
+        pad = width - draft_len - lengths  # [B] left padding of each row
+        cols = np.arange(width - draft_len)
+        real = cols[None, :] >= pad[:, None]
+        src = np.where(real, contexts.lengths[:, None] - lengths[:, None] + cols[None, :] - pad[:, None], 0)
+        ctx = np.where(real, contexts.tokens[contexts.rows[:, None], src], drafter.mask_id)
+        ids = torch.full((len(lengths), width), drafter.mask_id, dtype=torch.long)
+        ids[:, : width - draft_len] = torch.from_numpy(ctx.astype(np.int64, copy=False))
+        all_cols, pad = torch.arange(width), torch.from_numpy(pad)
+        positions = (all_cols[None, :] - pad[:, None]).clamp_(min=0)
+        # Attention masks cost time in SDPA; only build one when padding exists.
+        key_mask = (all_cols[None, :] >= pad[:, None]) if bool((pad > 0).any()) else None
+        device = drafter.device
+        self.ids, self.positions = ids.to(device), positions.to(device)
+        self.key_mask = None if key_mask is None else key_mask.to(device)
+
+    def logits(self, num_last: int) -> torch.Tensor:
+        return self.model(self.ids, positions=self.positions, key_padding_mask=self.key_mask,
+                          num_last=num_last, block_len=self.draft_len)
+
+    def reveal(self, reveal: torch.Tensor, proposal: torch.Tensor) -> None:
+        block = self.ids[:, -self.draft_len:]
+        self.ids[:, -self.draft_len:] = torch.where(reveal, proposal, block)
+
+
+class CachedCanvas:
+    """The same drafting canvas over a ``DrafterCache``: the first pass encodes the
+    context tokens each row gained since its last step (written to the cache) together
+    with the draft block; later passes run the draft block alone against the cache.
+
+    ``causal_context`` (block-causal drafters) makes the cache exact. A bidirectional
+    drafter's context would also attend to the draft block; cached, it does not (the
+    approximation Fast-dLLM makes), and its slots are re-encoded whole every
+    ``refresh_steps`` steps. Either way q is exactly the distribution the drafts were
+    drawn from, so verification stays exact; only acceptance can change.
+    """
+
+    def __init__(self, drafter: "DiffusionDrafter", cache: DrafterCache, slots: np.ndarray,
+                 contexts: ContextBatch, draft_len: int, causal_context: bool,
+                 refresh_steps: int | None):
+        self.drafter, self.cache, self.draft_len = drafter, cache, draft_len
+        self.causal_context = causal_context
+        self.slots, self.contexts, self.n = slots, contexts, contexts.lengths
+        device = drafter.device
+        self.slots_t = torch.as_tensor(slots, device=device)
+        self._make_room(refresh_steps)
+        self.block = torch.full((len(slots), draft_len), drafter.mask_id, dtype=torch.long,
+                                device=device)
+        self.block_positions = torch.as_tensor(
+            self.n[:, None] + np.arange(draft_len)[None, :], device=device)
+        new = self._new_tokens()
+        # A step adds at most draft_len + 1 tokens to a context; a row with more (a
+        # request's first step, a refresh) is encoded in a pass of its own first, so
+        # that it does not pad every other row of the drafting pass.
+        long_rows = np.nonzero(new > draft_len + 1)[0]
+        if len(long_rows):
+            self._pass(long_rows, new, block=None, num_last=0)
+        self.encoded = False
+
+    def _make_room(self, refresh_steps: int | None) -> None:
+        """Reset slots whose cache is stale (an approximate cache due for its refresh,
+        or a cache that does not match the context) and slide full ones."""
+        cache, slots, window = self.cache, self.slots, self.cache.capacity
+        starts, lengths = cache.starts[slots], cache.lengths[slots]
+        drop = self.n - starts - window  # > 0: the slot would exceed its capacity
+        stale = (starts + lengths > self.n) | (drop >= lengths)
+        if refresh_steps is not None:
+            stale |= cache.steps_since_encode[slots] >= refresh_steps
+        for slot, n in zip(slots[stale], self.n[stale]):
+            cache.reset(int(slot), max(0, int(n) - window))
+        cache.steps_since_encode[slots] += 1
+        slide = ~stale & (drop > 0)
+        cache.slide(slots[slide], drop[slide])
+
+    def _new_tokens(self) -> np.ndarray:
+        c = self.cache
+        return self.n - c.starts[self.slots] - c.lengths[self.slots]
+
+    def _pass(self, rows: np.ndarray, new: np.ndarray, block: torch.Tensor | None,
+              num_last: int) -> torch.Tensor:
+        """One forward pass of batch rows ``rows``: their ``new`` context tokens
+        (left-padded to the longest) then ``block``, against their cached columns; the
+        new tokens' keys and values are written to the cache."""
+        d, c = self.drafter, self.cache
+        slots = self.slots[rows]
+        new = new[rows]
+        width = int(new.max(initial=0))
+        block_len = 0 if block is None else block.shape[1]
+        pad = width - new
+        cols = np.arange(width)
+        real = cols[None, :] >= pad[:, None]
+        first = c.starts[slots] + c.lengths[slots]  # context index of each row's first new token
+        src = np.where(real, first[:, None] + cols[None, :] - pad[:, None], 0)
+        ids = np.where(real, self.contexts.tokens[self.contexts.rows[rows][:, None], src], d.mask_id)
+        device = d.device
+        ids = torch.from_numpy(ids.astype(np.int64, copy=False)).to(device)
+        positions = torch.from_numpy(src).to(device)
+        real_t = torch.from_numpy(real).to(device)
+        if block is not None:
+            ids = torch.cat((ids, block), 1)
+            positions = torch.cat((positions, self.block_positions[rows]), 1)
+            real_t = torch.cat((real_t, real_t.new_ones(len(rows), block_len)), 1)
+        past_len = int(c.lengths[slots].max(initial=0))
+        mask = block_causal_mask(real_t, block_len, self.causal_context)
+        if past_len:
+            cached = torch.from_numpy(np.arange(past_len)[None, :] < c.lengths[slots][:, None])
+            cached = cached.to(device)[:, None, None, :].expand(-1, 1, mask.shape[2], -1)
+            mask = torch.cat((cached, mask), -1)
+        w_rows, w_src = np.nonzero(real)
+        past = Past(c.k, c.v, torch.as_tensor(slots, device=device), past_len,
+                    *(torch.as_tensor(a, device=device) for a in
+                      (w_rows, w_src, c.lengths[slots][w_rows] + w_src - pad[w_rows])))
+        out = d.model.backbone(ids, d.zero_sigma(len(rows)), positions, mask, num_last, past)
+        c.lengths[slots] += new
+        return out
+
+    def logits(self, num_last: int) -> torch.Tensor:
+        all_rows = np.arange(len(self.slots))
+        if not self.encoded:  # the new context tokens and the block, in one pass
+            self.encoded = True
+            return self._pass(all_rows, self._new_tokens(), self.block, num_last)
+        zero = np.zeros(len(self.slots), dtype=np.int64)
+        return self._pass(all_rows, zero, self.block, num_last)
+
+    def reveal(self, reveal: torch.Tensor, proposal: torch.Tensor) -> None:
+        self.block = torch.where(reveal, proposal, self.block)
+
+
 class DiffusionDrafter:
     """Runs an MDLM as a drafter for a batch of token contexts."""
 
     def __init__(self, model: MDLM, steps: int, schedule: str, context_window: int,
-                 draft_temperature: float | None = None):
+                 draft_temperature: float | None = None, max_positions: int | None = None):
         self.model = model
-        model.backbone.freeze_conditioning()
+        model.backbone.freeze_conditioning(max_positions)
         self.steps = steps
         self.schedule = schedule
         self.context_window = context_window
@@ -87,24 +233,8 @@ class DiffusionDrafter:
         self.mask_id = model.config.mask_token_id
         self.device = next(model.parameters()).device
 
-    def _canvas(self, contexts: ContextBatch, draft_len: int):
-        """[last W context tokens, MASK x draft_len] per row, right-aligned, built with
-        one gather (no loop over requests)."""
-        lengths = np.minimum(contexts.lengths, self.context_window)
-        width = int(lengths.max()) + draft_len
-        pad = width - draft_len - lengths  # [B] left padding of each row
-        cols = np.arange(width - draft_len)
-        real = cols[None, :] >= pad[:, None]
-        src = np.where(real, contexts.lengths[:, None] - lengths[:, None] + cols[None, :] - pad[:, None], 0)
-        ctx = np.where(real, contexts.tokens[contexts.rows[:, None], src], self.mask_id)
-        canvas = torch.full((len(lengths), width), self.mask_id, dtype=torch.long)
-        canvas[:, : width - draft_len] = torch.from_numpy(ctx.astype(np.int64, copy=False))
-        all_cols, pad = torch.arange(width), torch.from_numpy(pad)
-        positions = (all_cols[None, :] - pad[:, None]).clamp_(min=0)
-        # Attention masks cost time in SDPA; only build one when padding exists.
-        key_mask = (all_cols[None, :] >= pad[:, None]) if bool((pad > 0).any()) else None
-        to = lambda t: None if t is None else t.to(self.device, non_blocking=True)  # noqa: E731
-        return to(canvas), to(positions), to(key_mask)
+    def zero_sigma(self, batch: int) -> torch.Tensor:
+        return torch.zeros(batch, device=self.device)
 
     def _uniforms(self, shape, generators):
         u = torch.rand(shape, device=self.device)
@@ -120,12 +250,15 @@ class DiffusionDrafter:
         draft_len: int,
         temperatures: Sequence[float] | None = None,
         generators: Sequence[torch.Generator | None] | None = None,
+        cached: "CachedCanvasArgs | None" = None,
     ) -> Draft:
         """Draft `draft_len` tokens after each context.
 
         temperatures: per request; 0 drafts greedily (argmax). With a fixed
         ``draft_temperature`` that value is used for every sampled request.
         generators: per request, for reproducible seeded drafts (else global RNG).
+        cached: draw on a ``DrafterCache`` (the rows' slots) instead of re-encoding
+        the last W context tokens.
 
         Memory: q is computed in place in the model's output buffer, and the first
         pass's buffer is the q handed to the verifier; later passes (left-to-right)
@@ -136,7 +269,9 @@ class DiffusionDrafter:
         contexts = ContextBatch.of(contexts)
         B = len(contexts.rows)
         steps = min(self.steps, draft_len)
-        canvas, positions, key_mask = self._canvas(contexts, draft_len)
+        canvas = (WindowCanvas(self, contexts, draft_len) if cached is None
+                  else CachedCanvas(self, cached.cache, cached.slots, contexts, draft_len,
+                                    cached.causal_context, cached.refresh_steps))
         temps = (torch.zeros(B) if temperatures is None
                  else torch.from_numpy(np.asarray(temperatures, dtype=np.float32).copy()))
         if self.draft_temperature is not None:
@@ -156,8 +291,7 @@ class DiffusionDrafter:
             if scored is None:  # else no token changed since the last pass: reuse it
                 # Revealed columns form a prefix in left-to-right order: score the rest.
                 first = int(masked.any(0).nonzero()[0]) if step else 0
-                out = self.model(canvas, positions=positions, key_padding_mask=key_mask,
-                                 num_last=draft_len - first)
+                out = canvas.logits(draft_len - first)
                 passes += 1
                 scored = self._score(out, V, temps, greedy, all_greedy, generators, first, draft_len)
             first, proposal, confidence, q = scored
@@ -179,7 +313,7 @@ class DiffusionDrafter:
                                 probs[:, first + col].copy_(q[:, col])
                             else:
                                 probs[rows, first + col] = q[rows, col]
-                canvas[:, -draft_len:] = torch.where(reveal, proposal, canvas[:, -draft_len:])
+                canvas.reveal(reveal, proposal)
                 masked &= ~reveal
                 scored = None
         has_q = (~greedy) if probs is not None else torch.zeros_like(greedy)

@@ -12,6 +12,12 @@ checkpoint ``kuleshov-group/mdlm-owt``), so its ``model.safetensors`` loads as i
 
 ``MDLM.forward`` returns raw logits; the SUBS parameterisation (mask logit -inf,
 clean tokens carried over) is applied by the sampler in ``drafter.py``.
+
+One addition, a config field: ``attention = "block_causal"`` (BD3-LM's layout) makes
+the context attend causally while the draft block (the last ``block_len`` positions)
+attends to the whole context and bidirectionally within itself. The context's keys
+and values then never depend on the draft, so a drafter can keep them per request
+(``Past``) and encode only the tokens accepted since its last step.
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+ATTENTIONS = ("bidirectional", "block_causal")
 
 
 @dataclass
@@ -36,6 +45,13 @@ class MDLMConfig:
     n_heads: int = 12
     dropout: float = 0.1
     time_conditioning: bool = False
+    # "bidirectional" (MDLM, mdlm-owt) | "block_causal" (causal context, bidirectional
+    # draft block): see the module docstring.
+    attention: str = "bidirectional"
+
+    def __post_init__(self):
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"MDLM config: attention={self.attention!r}, allowed: {list(ATTENTIONS)}")
 
     @property
     def mask_token_id(self) -> int:
@@ -85,7 +101,8 @@ class Rotary(nn.Module):
         self._table = self._compute(torch.arange(max_positions, device=self.inv_freq.device))
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [B, L] -> cos, sin [B, 1, L, head_dim]."""
+        """positions [B, L] -> cos, sin [B, 1, L, head_dim] (the caller keeps positions
+        inside the frozen table)."""
         if self._table is not None and not self.training:
             cos, sin = self._table[0][positions], self._table[1][positions]
         else:
@@ -150,7 +167,9 @@ class DDiTBlock(nn.Module):
     def modulation(self, c):
         return self.adaLN_modulation(c)[:, None].chunk(6, dim=-1)
 
-    def forward(self, x, c, cos, sin, attn_mask, modulation=None):
+    def forward(self, x, c, cos, sin, attn_mask, modulation=None, past=None):
+        """past: (k, v) [B, H, P, head_dim] of cached tokens x attends to before itself.
+        Returns the new x and x's own (k, v), rotary applied, for a cache to keep."""
         B, L, d = x.shape
         (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp) = (
             modulation if modulation is not None else self.modulation(c)
@@ -158,6 +177,9 @@ class DDiTBlock(nn.Module):
         h = modulate(self.norm1(x), shift_msa, scale_msa)
         q, k, v = self.attn_qkv(h).view(B, L, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        kv = (k, v)
+        if past is not None:
+            k, v = torch.cat((past[0], k), 2), torch.cat((past[1], v), 2)
         a = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask,
             dropout_p=self.dropout if self.training else 0.0,
@@ -165,7 +187,7 @@ class DDiTBlock(nn.Module):
         a = self.attn_out(a.transpose(1, 2).reshape(B, L, d))
         x = x + gate_msa * F.dropout(a, self.dropout, self.training)
         h = modulate(self.norm2(x), shift_mlp, scale_mlp)
-        return x + gate_mlp * F.dropout(self.mlp(h), self.dropout, self.training)
+        return x + gate_mlp * F.dropout(self.mlp(h), self.dropout, self.training), kv
 
 
 class DDitFinalLayer(nn.Module):
@@ -195,11 +217,13 @@ class DITBackbone(nn.Module):
         self.frozen_modulation = None  # see freeze_conditioning()
 
     @torch.no_grad()
-    def freeze_conditioning(self) -> None:
+    def freeze_conditioning(self, max_positions: int | None = None) -> None:
         """What every inference pass would recompute, computed once (call again after
-        changing weights): the rotary table of all ``model_length`` positions and,
-        without time conditioning, c and every adaLN output (constants then)."""
-        self.rotary_emb.freeze(self.config.model_length)
+        changing weights): the rotary table of positions 0 .. max(model_length,
+        max_positions) - 1 and, without time conditioning, c and every adaLN output
+        (constants then). A cached drafter keeps a context's own positions, which
+        may exceed model_length (rotary attention only sees their differences)."""
+        self.rotary_emb.freeze(max(self.config.model_length, max_positions or 0))
         if self.config.time_conditioning:
             return
         p = self.output_layer.linear.weight
@@ -207,7 +231,9 @@ class DITBackbone(nn.Module):
         self.frozen_modulation = (c, [b.modulation(c) for b in self.blocks],
                                   self.output_layer.modulation(c))
 
-    def forward(self, ids, sigma, positions=None, key_padding_mask=None, num_last=None):
+    def forward(self, ids, sigma, positions=None, attn_mask=None, num_last=None, past=None):
+        """attn_mask: bool, True = may attend, broadcastable to [B, 1, L, P + L] (P the
+        cached columns of ``past``, 0 without it)."""
         B, L = ids.shape
         if positions is None:
             positions = torch.arange(L, device=ids.device).expand(B, L)
@@ -219,13 +245,63 @@ class DITBackbone(nn.Module):
                 sigma = torch.zeros_like(sigma)
             c, block_mods, final_mod = F.silu(self.sigma_map(sigma)), [None] * len(self.blocks), None
         cos, sin = self.rotary_emb.cos_sin(positions)
-        # key_padding_mask [B, L], True = real token; SDPA wants [B, 1, 1, L].
-        attn_mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
-        for block, mod in zip(self.blocks, block_mods):
-            x = block(x, c, cos, sin, attn_mask, mod)
+        for layer, (block, mod) in enumerate(zip(self.blocks, block_mods)):
+            x, kv = block(x, c, cos, sin, attn_mask, mod, None if past is None else past.read(layer))
+            if past is not None:
+                past.write(layer, *kv)
         if num_last is not None:  # drafting only needs logits of the masked tail
             x = x[:, L - num_last :]
         return self.output_layer(x, c, final_mod)
+
+
+def padding_mask(real: torch.Tensor) -> torch.Tensor:
+    """real [B, L] (True = a real token) -> [B, 1, 1, L]: attend to real tokens only."""
+    return real[:, None, None, :]
+
+
+def block_causal_mask(real: torch.Tensor, block_len: int, causal_context: bool = True) -> torch.Tensor:
+    """real [B, L] -> bool [B, 1, L, L] for a canvas [context, block of block_len]:
+    a context column attends to the real context columns up to itself (to all of them
+    if not ``causal_context``), a block column to every real column; every column
+    attends to itself, so padding rows never have an empty softmax."""
+    B, L = real.shape
+    idx = torch.arange(L, device=real.device)
+    context_len = L - block_len
+    if causal_context:
+        allowed = idx[None, :] <= idx[:, None]
+    else:
+        allowed = (idx[None, :] < context_len).expand(L, L)
+    allowed = allowed | (idx[:, None] >= context_len)
+    mask = (allowed[None] & real[:, None, :]) | torch.eye(L, dtype=torch.bool, device=real.device)
+    return mask[:, None]
+
+
+class Past:
+    """Keys and values of context tokens encoded by earlier passes, for one batch.
+
+    ``k``/``v`` are a cache's whole store [n_blocks, slots, H, capacity, head_dim];
+    batch row b attends to its slot's first ``length`` columns (the attention mask
+    hides what is past each row's own length), and the pass writes the keys and values
+    of its query columns ``src`` of rows ``rows`` to columns ``cols`` of slots
+    ``slots[rows]`` (the context tokens it encodes; the draft block is never kept).
+    """
+
+    def __init__(self, k, v, slots, length, rows=None, src=None, cols=None):
+        self.k, self.v, self.slots, self.length = k, v, slots, length
+        self.rows, self.src, self.cols = rows, src, cols
+
+    def read(self, layer: int):
+        if not self.length:
+            return None
+        return (self.k[layer, self.slots, :, : self.length],
+                self.v[layer, self.slots, :, : self.length])
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        if self.rows is None:
+            return
+        dst = self.slots[self.rows]
+        self.k[layer, dst, :, self.cols] = k[self.rows, :, self.src]
+        self.v[layer, dst, :, self.cols] = v[self.rows, :, self.src]
 
 
 class MDLM(nn.Module):
@@ -256,15 +332,25 @@ class MDLM(nn.Module):
         positions: torch.Tensor | None = None,
         key_padding_mask: torch.Tensor | None = None,
         num_last: int | None = None,
+        block_len: int | None = None,
     ) -> torch.Tensor:
         """input_ids [B, L] -> raw logits [B, L, V] (or [B, num_last, V]).
 
         positions [B, L] are rotary positions (default 0..L-1); key_padding_mask
-        [B, L] is True for real tokens (padding is never attended to).
+        [B, L] is True for real tokens (padding is never attended to); block_len: the
+        draft block, the last columns (block-causal drafters only).
         """
         if sigma is None:
             sigma = torch.zeros(input_ids.shape[0], device=input_ids.device)
-        return self.backbone(input_ids, sigma, positions, key_padding_mask, num_last)
+        if self.config.attention == "block_causal":
+            if block_len is None:
+                raise ValueError("a block-causal MDLM needs block_len (the draft block's length)")
+            real = (key_padding_mask if key_padding_mask is not None
+                    else torch.ones_like(input_ids, dtype=torch.bool))
+            mask = block_causal_mask(real, block_len)
+        else:
+            mask = None if key_padding_mask is None else padding_mask(key_padding_mask)
+        return self.backbone(input_ids, sigma, positions, mask, num_last)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

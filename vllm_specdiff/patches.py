@@ -32,7 +32,9 @@ one), in the worker process, before the runner builds its rejection sampler:
    rejection sampler, drafts or not: on the embedded pair that costs 1.5 ms a step
    over plain decoding (``benchmarks/results/step_profile.md``), which is what
    switching drafting off has to save.
-   The CPU model runner inherits all four.
+8. ``GPUModelRunner._update_states``: requests that finished, were aborted or were
+   preempted give their drafter cache slots back (``drafter_cache.py``).
+   The CPU model runner inherits all five.
 
 ``VERSION_GUARD`` -- applied instead of everything when vLLM is not 0.32.0: makes
 ``method: "specdiff"`` fail with one clear error; any other run is untouched.
@@ -119,11 +121,18 @@ def check_drafter(cfg: SpecDiffConfig, target_model_config) -> None:
             f"does not fit target vocab_size={target_vocab}; an MDLM drafter must have the "
             f"target's vocabulary plus one mask token ({target_vocab + 1})")
     limit = drafter.model_length - cfg.gamma
-    if cfg.context_window > limit:
+    if cfg.context_window is not None and cfg.context_window > limit:
         raise SpecDiffConfigError(
             f"speculative_config.context_window={cfg.context_window} is invalid for method "
             f"'specdiff': W + num_speculative_tokens must fit the drafter's model_length "
-            f"{drafter.model_length}, so W must be in [1, {limit}]")
+            f"{drafter.model_length}, so W must be in [1, {limit}] (or null: the whole "
+            "context up to that)")
+    if cfg.drafter_cache == "exact" and drafter.attention != "block_causal":
+        raise SpecDiffConfigError(
+            f"speculative_config.drafter_cache='exact' is invalid for drafter "
+            f"{cfg.drafter_path}: an exact cache needs a block-causal drafter (config "
+            f"attention='block_causal'), this one is {drafter.attention}; use "
+            "'approximate', 'off' or 'auto'")
 
 
 def specdiff_settings(engine_args) -> dict | None:
@@ -181,7 +190,7 @@ FRONTEND_PATCHES = register_group(PatchGroup(
     ]))
 
 
-# -- 4-7: model runner --------------------------------------------------------------
+# -- 4-8: model runner --------------------------------------------------------------
 
 def _rejection_sampler(original):
     from vllm_specdiff.verification import SpecDiffRejectionSampler
@@ -265,6 +274,19 @@ def _prepare_inputs(original):
     return prepare_inputs
 
 
+def _update_states(original):
+    from vllm_specdiff.proposer import SpecDiffProposer
+
+    @functools.wraps(original)
+    def update_states(self, scheduler_output, *args, **kwargs):
+        result = original(self, scheduler_output, *args, **kwargs)
+        if isinstance(getattr(self, "drafter", None), SpecDiffProposer):
+            self.drafter.release(scheduler_output.finished_req_ids)
+            self.drafter.release(scheduler_output.preempted_req_ids or ())
+        return result
+    return update_states
+
+
 RUNNER_PATCHES = register_group(PatchGroup(
     "runner", "a specdiff proposer is built (worker process)", [
         Patch(f"{RUNNER}:RejectionSampler",
@@ -278,6 +300,9 @@ RUNNER_PATCHES = register_group(PatchGroup(
         Patch(f"{RUNNER}:GPUModelRunner._prepare_inputs",
               "steps without drafts sample like plain decoding, not through the verifier",
               _prepare_inputs),
+        Patch(f"{RUNNER}:GPUModelRunner._update_states",
+              "finished, aborted and preempted requests free their drafter cache slots",
+              _update_states),
     ]))
 
 

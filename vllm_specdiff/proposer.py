@@ -21,7 +21,8 @@ import torch
 
 from vllm_specdiff.adaptive import AdaptiveDraftLength, StepOutcome
 from vllm_specdiff.config import ADDITIONAL_CONFIG_KEY, SpecDiffConfig
-from vllm_specdiff.drafter import ContextBatch, DiffusionDrafter, Draft
+from vllm_specdiff.drafter import CachedCanvasArgs, ContextBatch, DiffusionDrafter, Draft
+from vllm_specdiff.drafter_cache import DrafterCache, make_drafter_cache
 from vllm_specdiff.loader import load_mdlm, torch_dtype
 
 logger = logging.getLogger("vllm.specdiff")
@@ -101,6 +102,8 @@ class SpecDiffProposer:
         self.target_dtype = vllm_config.model_config.dtype
         self.max_model_len = vllm_config.model_config.max_model_len
         self.drafter: DiffusionDrafter | None = None
+        self.cache: DrafterCache | None = None  # per-request context cache, if on
+        self.exact_cache = False
         self.adaptive = AdaptiveDraftLength(self.config.gamma, enabled=self.config.adaptive)
         self.ngram = None
         self.tp_group = None  # vLLM's tensor-parallel group when it has more than one rank
@@ -115,13 +118,24 @@ class SpecDiffProposer:
         dtype = (self.target_dtype if self.config.drafter_dtype == "auto"
                  else torch_dtype(self.config.drafter_dtype))
         model = load_mdlm(self.config.drafter_path, device=device, dtype=dtype)
+        gamma = self.config.gamma
+        window = min(self.config.context_window or model.config.model_length,
+                     model.config.model_length - gamma, self.max_model_len)
         self.drafter = DiffusionDrafter(
             model,
             steps=self.config.diffusion_steps,
             schedule=self.config.schedule,
-            context_window=self.config.context_window,
+            context_window=window,
             draft_temperature=self.config.draft_temperature,
+            max_positions=self.max_model_len + gamma + 1,
         )
+        block_causal = model.config.attention == "block_causal"
+        cache = self.config.drafter_cache
+        if cache == "approximate" or (cache != "off" and block_causal):
+            self.exact_cache = block_causal
+            self.cache = make_drafter_cache(
+                model.config, self.vllm_config.scheduler_config.max_num_seqs, window, dtype,
+                device)
         if self.config.warmup_tokens and self.config.warmup_method == "ngram":
             self.ngram = make_ngram_proposer(self.vllm_config, self.config.gamma)
         if self.vllm_config.parallel_config.tensor_parallel_size > 1:
@@ -129,9 +143,12 @@ class SpecDiffProposer:
 
             self.tp_group = get_tp_group()
         logger.info(
-            "specdiff: drafter %s (%.1fM params, %s) gamma=%d T=%d schedule=%s W=%d adaptive=%s",
-            self.config.drafter_path, model.num_parameters() / 1e6, dtype, self.config.gamma,
-            self.config.diffusion_steps, self.config.schedule, self.config.context_window,
+            "specdiff: drafter %s (%.1fM params, %s, %s) gamma=%d T=%d schedule=%s W=%d "
+            "cache=%s adaptive=%s", self.config.drafter_path, model.num_parameters() / 1e6,
+            dtype, model.config.attention, gamma, self.config.diffusion_steps,
+            self.config.schedule, window,
+            "off" if self.cache is None else "exact" if self.exact_cache else
+            f"approximate (refresh every {self.config.cache_refresh_steps} steps)",
             self.config.adaptive,
         )
 
@@ -153,6 +170,9 @@ class SpecDiffProposer:
         """
         assert self.drafter is not None, "load_model() was not called"
         now = time.perf_counter()
+        cached = self.cache is not None and input_batch is not None
+        if cached:
+            self.cache.release_all_but(input_batch.req_ids)
         last = self._last_step
         if last is not None and pure_decode:
             # Acceptance is learned from the rows the MDLM drafted at the chosen length
@@ -185,8 +205,14 @@ class SpecDiffProposer:
         rows = np.array(mdlm_rows)
         temps = np.zeros(len(rows)) if input_batch is None else input_batch.temperature_cpu[rows]
         contexts = ContextBatch(token_ids_cpu, rows, np.asarray(num_tokens_no_spec)[rows])
+        cache = None
+        if cached:
+            slots = self.cache.slots_for([input_batch.req_ids[i] for i in mdlm_rows])
+            cache = CachedCanvasArgs(self.cache, slots, self.exact_cache,
+                                     None if self.exact_cache else self.config.cache_refresh_steps)
         draft = self.drafter.draft(contexts, max(lengths[i] for i in mdlm_rows), temps,
-                                   [generators.get(i) for i in mdlm_rows] if generators else None)
+                                   [generators.get(i) for i in mdlm_rows] if generators else None,
+                                   cache)
         for row, toks in zip(mdlm_rows, draft.tokens.tolist()):
             # Never draft past the model's length limit.
             room = self.max_model_len - int(num_tokens_no_spec[row]) - 1
@@ -195,6 +221,11 @@ class SpecDiffProposer:
             self._last_step = self._last_step._replace(full_drafts=frozenset(
                 input_batch.req_ids[row] for row in mdlm_rows if len(token_ids[row]) == draft_len))
         return Proposal(token_ids, draft_q(draft, mdlm_rows, token_ids))
+
+    def release(self, req_ids) -> None:
+        """Requests that finished or were preempted give their cache slots back."""
+        if self.cache is not None:
+            self.cache.release(req_ids)
 
     # -- helpers ---------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from vllm_specdiff.model import ATTENTIONS
 from vllm_specdiff.training import common
 from vllm_specdiff.training.data import read_stories, tokenize_stories
 
@@ -190,6 +191,9 @@ def add_drafter_args(p) -> None:
     p.add_argument("--cond-dim", type=int, default=64)
     p.add_argument("--model-length", type=int, default=256)
     p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--attention", choices=ATTENTIONS, default="bidirectional",
+                   help="block_causal: causal context, bidirectional draft block, so a "
+                        "drafter can cache the context (BD3-LM layout)")
     p.add_argument("--context-window", type=int, default=64, help="W: drafts see the last W tokens")
     p.add_argument("--gammas", default="4,8,16", help="span lengths trained on (one per batch)")
     p.add_argument("--ltr-fraction", type=float, default=0.75,
@@ -232,7 +236,8 @@ def run_drafter(args) -> dict:
     vocab = target_cfg.vocab_size
     cfg = MDLMConfig(vocab_size=vocab + 1, model_length=args.model_length,
                      hidden_dim=args.hidden_dim, cond_dim=args.cond_dim, n_blocks=args.n_blocks,
-                     n_heads=args.n_heads, dropout=args.dropout, time_conditioning=False)
+                     n_heads=args.n_heads, dropout=args.dropout, time_conditioning=False,
+                     attention=args.attention)
     common.seed_everything(args.seed)
     model = MDLM(cfg)
     if args.init_from_target:

@@ -130,7 +130,7 @@ def teacher_logits(teacher, batch: DraftingBatch) -> torch.Tensor:
 def mdlm_drafting_loss(model, batch: DraftingBatch, teacher=None, kl_weight: float = 0.0):
     mask_id = model.config.mask_token_id
     logits = model(batch.canvas, positions=batch.positions, key_padding_mask=batch.key_mask,
-                   num_last=batch.gamma)
+                   num_last=batch.gamma, block_len=batch.gamma)
     logits = subs_logits(logits, mask_id)
     logp = torch.log_softmax(logits, -1)
     nll = -logp.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1)

@@ -1,0 +1,140 @@
+"""The drafter's per-request context cache: keys and values of every running request's
+context tokens, so a drafting step encodes only the tokens accepted since that
+request's last step instead of re-encoding a context window.
+
+One preallocated store for the whole engine, [n_blocks, slots, H, capacity, head_dim]
+for keys and the same for values, with one slot per request vLLM can run at once
+(``max_num_seqs``); ``capacity`` is the most context tokens a slot keeps (the drafter's
+``model_length`` minus gamma, or less). Slot bookkeeping is host-side numpy, so using
+the cache needs no device synchronisation:
+
+- a request gets a slot on its first drafting step (``slots_for``) and gives it back
+  when it finishes, is aborted or preempted, or leaves the batch (``release``); a
+  returning request rebuilds its context from scratch;
+- ``lengths[s]`` context tokens are cached, the request's tokens ``starts[s] ..
+  starts[s] + lengths[s] - 1``. Only verified context tokens are ever written (the
+  draft block never is), so nothing needs rolling back after a rejection;
+- a context longer than ``capacity`` keeps its last ``capacity`` tokens: the slot's
+  oldest columns are dropped (``slide``), the keys keep their rotary positions.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from vllm_specdiff.model import MDLMConfig
+
+logger = logging.getLogger("vllm.specdiff")
+
+
+class DrafterCacheError(ValueError):
+    """The cache does not fit, or has no free slot."""
+
+
+class DrafterCache:
+    def __init__(self, config: MDLMConfig, slots: int, capacity: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        head_dim = config.hidden_dim // config.n_heads
+        shape = (config.n_blocks, slots, config.n_heads, capacity, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.capacity = capacity
+        self.lengths = np.zeros(slots, dtype=np.int64)
+        self.starts = np.zeros(slots, dtype=np.int64)
+        self.steps_since_encode = np.zeros(slots, dtype=np.int64)  # approximate caches refresh
+        self._slot_of: dict[str, int] = {}
+        self._free = list(range(slots - 1, -1, -1))
+
+    @staticmethod
+    def nbytes_for(config: MDLMConfig, slots: int, capacity: int, dtype: torch.dtype) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return 2 * config.n_blocks * slots * capacity * config.hidden_dim * elem
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    @property
+    def slots_in_use(self) -> int:
+        return len(self._slot_of)
+
+    def slots_for(self, req_ids: list[str]) -> np.ndarray:
+        """The slot of each request, a fresh empty one for a request not seen yet."""
+        out = np.empty(len(req_ids), dtype=np.int64)
+        for i, rid in enumerate(req_ids):
+            slot = self._slot_of.get(rid)
+            if slot is None:
+                if not self._free:
+                    raise DrafterCacheError(
+                        f"drafter cache: all {self.k.shape[1]} slots are in use (one per "
+                        "request of max_num_seqs); a finished request was not released")
+                slot = self._free.pop()
+                self._slot_of[rid] = slot
+                self.reset(slot, 0)
+            out[i] = slot
+        return out
+
+    def reset(self, slot: int, start: int) -> None:
+        """Empty a slot; its next encoded token is the request's token ``start``."""
+        self.lengths[slot] = 0
+        self.starts[slot] = start
+        self.steps_since_encode[slot] = 0
+
+    def release(self, req_ids) -> None:
+        for rid in req_ids:
+            slot = self._slot_of.pop(rid, None)
+            if slot is not None:
+                self._free.append(slot)
+
+    def release_all_but(self, live_req_ids) -> None:
+        """Free the slots of requests no longer in the batch (finished, aborted,
+        preempted or unscheduled: a request that comes back rebuilds its cache)."""
+        live = set(live_req_ids)
+        self.release([rid for rid in self._slot_of if rid not in live])
+
+    def slide(self, slots: np.ndarray, drop: np.ndarray) -> None:
+        """Drop the oldest ``drop[i]`` cached columns of ``slots[i]`` (0 < drop < length)."""
+        if not len(slots):
+            return
+        idx = torch.as_tensor(slots, device=self.k.device)
+        width = int(self.lengths[slots].max())
+        cols = torch.arange(width)[None, :] + torch.as_tensor(drop)[:, None]
+        cols = cols.clamp_(max=self.capacity - 1).to(self.k.device)
+        for store in (self.k, self.v):
+            rows = store[:, idx, :, :]  # [n_blocks, S, H, capacity, hd] copy
+            gather = cols[None, :, None, :, None].expand(
+                rows.shape[0], rows.shape[1], rows.shape[2], width, rows.shape[4])
+            store[:, idx, :, :width] = rows.gather(3, gather)
+        self.lengths[slots] -= drop
+        self.starts[slots] += drop
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes the cache may take: free accelerator memory, or available host memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def make_drafter_cache(config: MDLMConfig, slots: int, capacity: int, dtype: torch.dtype,
+                       device: torch.device) -> DrafterCache:
+    """Preallocate the cache, refusing one that would not fit (with the settings that
+    size it), and log its size."""
+    need = DrafterCache.nbytes_for(config, slots, capacity, dtype)
+    have = available_memory(device)
+    if need > 0.9 * have:
+        raise DrafterCacheError(
+            f"drafter cache needs {need / 2**30:.2f} GiB ({slots} slots = max_num_seqs, x "
+            f"{capacity} context tokens, {config.n_blocks} blocks x {config.hidden_dim} "
+            f"keys and values, {dtype}) but only {have / 2**30:.2f} GiB is available on "
+            f"{device}: lower max_num_seqs or speculative_config.context_window, or set "
+            "speculative_config.drafter_cache='off'")
+    cache = DrafterCache(config, slots, capacity, dtype, device)
+    logger.info("specdiff: drafter cache %.1f MiB (%d slots x %d context tokens, %s, %s)",
+                cache.nbytes / 2**20, slots, capacity, dtype, device)
+    return cache
