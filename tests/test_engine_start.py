@@ -37,6 +37,7 @@ def spec(**settings):
     (spec(steps=2), "unknown setting(s) ['steps'] for method 'specdiff'"),
     (spec(context_window=100000), "context_window=100000 is invalid for method 'specdiff'"),
     (spec(model="/nonexistent/drafter"), "speculative model '/nonexistent/drafter': no such folder"),
+    (spec(drafter_cache="exact"), "drafter_cache='exact' is invalid for drafter"),
 ])
 def test_bad_setting_fails_engine_start_with_one_clear_message(settings, message):
     with pytest.raises(ValueError) as err:

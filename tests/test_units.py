@@ -24,6 +24,8 @@ BAD_SETTINGS = [
     ({"draft_temperature": -1}, "draft_temperature", "[0, 10]"),
     ({"warmup_method": "eagle"}, "warmup_method", "ngram"),
     ({"diffusion_stepz": 2}, "unknown setting", "diffusion_steps"),
+    ({"drafter_cache": "always"}, "drafter_cache", "approximate"),
+    ({"cache_refresh_steps": 0}, "cache_refresh_steps", ">= 1"),
 ]
 
 

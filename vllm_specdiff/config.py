@@ -18,6 +18,7 @@ MAX_GAMMA = 64
 DRAFTER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 WARMUP_METHODS = ("none", "ngram", "specdiff")
 DRAFTER_CACHES = ("auto", "exact", "approximate", "off")
+UNCACHED_CONTEXT_WINDOW = 16
 ADDITIONAL_CONFIG_KEY = "specdiff"  # where the settings travel in vLLM's additional_config
 
 
@@ -38,10 +39,12 @@ class SpecDiffConfig(NamedTuple):
     diffusion_steps: int = 1
     # Which masked positions each step reveals: left_to_right | random | confidence.
     schedule: str = "left_to_right"
-    # W: the drafter sees the last W context tokens (longer contexts are cut); null:
-    # the whole context, up to the drafter's model_length - gamma. Without the drafter
-    # cache each pass costs W + gamma tokens; with it, gamma plus the new tokens.
-    context_window: int | None = 16
+    # W: the drafter sees the last W context tokens (longer contexts are cut). null
+    # (the default): the whole context (up to the drafter's model_length - gamma) when
+    # the drafter cache is on, else UNCACHED_CONTEXT_WINDOW tokens. Without the cache
+    # each pass costs W + gamma tokens; with it, gamma plus the tokens new since the
+    # request's last step.
+    context_window: int | None = None
     # Keep each request's context keys and values between steps (drafter_cache.py):
     # exact (block-causal drafters) | approximate (bidirectional drafters, refreshed
     # every cache_refresh_steps steps) | off (re-encode the last W tokens every pass) |

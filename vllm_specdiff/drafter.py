@@ -135,7 +135,6 @@ class CachedCanvas:
         self.causal_context = causal_context
         self.slots, self.contexts, self.n = slots, contexts, contexts.lengths
         device = drafter.device
-        self.slots_t = torch.as_tensor(slots, device=device)
         self._make_room(refresh_steps)
         self.block = torch.full((len(slots), draft_len), drafter.mask_id, dtype=torch.long,
                                 device=device)
@@ -159,8 +158,7 @@ class CachedCanvas:
         stale = (starts + lengths > self.n) | (drop >= lengths)
         if refresh_steps is not None:
             stale |= cache.steps_since_encode[slots] >= refresh_steps
-        for slot, n in zip(slots[stale], self.n[stale]):
-            cache.reset(int(slot), max(0, int(n) - window))
+        cache.reset(slots[stale], np.maximum(0, self.n[stale] - window))
         cache.steps_since_encode[slots] += 1
         slide = ~stale & (drop > 0)
         cache.slide(slots[slide], drop[slide])

@@ -77,11 +77,11 @@ class DrafterCache:
             out[i] = slot
         return out
 
-    def reset(self, slot: int, start: int) -> None:
-        """Empty a slot; its next encoded token is the request's token ``start``."""
-        self.lengths[slot] = 0
-        self.starts[slot] = start
-        self.steps_since_encode[slot] = 0
+    def reset(self, slots, starts) -> None:
+        """Empty slots; the next token each encodes is its request's token ``starts``."""
+        self.lengths[slots] = 0
+        self.starts[slots] = starts
+        self.steps_since_encode[slots] = 0
 
     def release(self, req_ids) -> None:
         for rid in req_ids:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from vllm_specdiff.adaptive import AdaptiveDraftLength, StepOutcome
-from vllm_specdiff.config import ADDITIONAL_CONFIG_KEY, SpecDiffConfig
+from vllm_specdiff.config import ADDITIONAL_CONFIG_KEY, UNCACHED_CONTEXT_WINDOW, SpecDiffConfig
 from vllm_specdiff.drafter import CachedCanvasArgs, ContextBatch, DiffusionDrafter, Draft
 from vllm_specdiff.drafter_cache import DrafterCache, make_drafter_cache
 from vllm_specdiff.loader import load_mdlm, torch_dtype
@@ -119,7 +119,11 @@ class SpecDiffProposer:
                  else torch_dtype(self.config.drafter_dtype))
         model = load_mdlm(self.config.drafter_path, device=device, dtype=dtype)
         gamma = self.config.gamma
-        window = min(self.config.context_window or model.config.model_length,
+        block_causal = model.config.attention == "block_causal"
+        cache = self.config.drafter_cache
+        cached = cache == "approximate" or (cache != "off" and block_causal)
+        window = min(self.config.context_window
+                     or (model.config.model_length if cached else UNCACHED_CONTEXT_WINDOW),
                      model.config.model_length - gamma, self.max_model_len)
         self.drafter = DiffusionDrafter(
             model,
@@ -129,9 +133,7 @@ class SpecDiffProposer:
             draft_temperature=self.config.draft_temperature,
             max_positions=self.max_model_len + gamma + 1,
         )
-        block_causal = model.config.attention == "block_causal"
-        cache = self.config.drafter_cache
-        if cache == "approximate" or (cache != "off" and block_causal):
+        if cached:
             self.exact_cache = block_causal
             self.cache = make_drafter_cache(
                 model.config, self.vllm_config.scheduler_config.max_num_seqs, window, dtype,
