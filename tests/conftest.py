@@ -24,6 +24,7 @@ MODELS = ROOT / "models"
 TARGET = Path(os.environ.get("SPECDIFF_TEST_TARGET", MODELS / "tiny-target"))
 DRAFTER = Path(os.environ.get("SPECDIFF_TEST_DRAFTER", MODELS / "tiny-mdlm"))
 AR_DRAFTER = MODELS / "tiny-ar-drafter"
+BLOCK_CAUSAL_DRAFTER = MODELS / "tiny-mdlm-block-causal"
 GPT2_TOKENIZER = Path(__file__).parent / "assets" / "gpt2_tokenizer"
 
 # Varied prompts: story openings, dialogue, lists, odd spacing, very short ones.

@@ -40,14 +40,17 @@ def exact_joint(prompt: str, prefixes, temperature: float = 1.0,
     prefixes = sorted(prefixes)
     k = len(prefixes[0])
     suffix = torch.tensor(prefixes, dtype=torch.long).reshape(len(prefixes), k)
-    with torch.no_grad():
-        batch = torch.cat([ids.repeat(len(prefixes), 1), suffix], dim=1)
-        logp = constrained_log_softmax(model(batch).logits.double(), temperature, top_p)
-    n = ids.shape[1]  # logits row n - 1 + j predicts generated token j
-    joint = {}
+    n = ids.shape[1]
+    with torch.no_grad():  # in chunks: long prompts x many prefixes x V would not fit
+        logp = torch.cat([
+            constrained_log_softmax(
+                model(torch.cat([ids.repeat(len(chunk), 1), chunk], dim=1))
+                .logits[:, n - 1:].double(), temperature, top_p)
+            for chunk in suffix.split(64)])
+    joint = {}  # logp row j predicts generated token j
     for row, prefix in enumerate(prefixes):
-        logp_prefix = sum(float(logp[row, n - 1 + j, t]) for j, t in enumerate(prefix))
-        nxt = torch.exp(logp[row, n - 1 + k] + logp_prefix)
+        logp_prefix = sum(float(logp[row, j, t]) for j, t in enumerate(prefix))
+        nxt = torch.exp(logp[row, k] + logp_prefix)
         for t in torch.nonzero(nxt > 1e-12).flatten().tolist():
             joint[(*prefix, t)] = float(nxt[t])
     return joint

@@ -1,0 +1,138 @@
+"""What the drafter's context buys: a 16-token window vs the whole context (drafter
+cache), per Spec-Bench category and on held-out TinyStories, against ``ngram``.
+
+    python benchmarks/context_bench.py
+
+Protocol: spec_bench.py's (engines in their own processes, plain decoding in every
+group, one warm-up round then interleaved repeats, median [min-max], each ratio
+against the plain run of the same round), at batch 1 (max_num_seqs 1, 3 prompts per
+run), greedy, per category. Methods, every setting pinned and printed:
+
+- ``ngram g4``/``g8``: vLLM's prompt lookup (the system to beat on copying tasks);
+- the embedded MDLM (bidirectional) with W = 16 and no cache (the shape every earlier
+  table measured), and with the whole context through the approximate cache, and with
+  the whole context re-encoded every pass (no cache: what the approximation saves);
+- the embedded block-causal MDLM with the whole context through its exact cache, and
+  with W = 16 and no cache (same drafter: what the context alone changes).
+
+Result: benchmarks/results/context_bench.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.spec_bench import (NONE, Engines, environment, fmt, groups_of,  # noqa: E402
+                                   load_prompts, ngram, run_rounds, specdiff, summarise)
+from vllm_specdiff.runtime import EMBEDDED_TARGET, prepare_process  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+MDLM = ROOT / "models" / "tiny-mdlm"
+BLOCK_CAUSAL = ROOT / "models" / "tiny-mdlm-block-causal"
+WHOLE = None  # context_window null: the whole context
+
+
+def methods(gamma: int) -> list:
+    return [
+        NONE, ngram(4), ngram(8),
+        specdiff(gamma, 1, model=str(MDLM), context_window=16, drafter_cache="off"),
+        specdiff(gamma, 1, model=str(MDLM), context_window=WHOLE, drafter_cache="approximate"),
+        specdiff(gamma, 1, model=str(MDLM), context_window=256 - gamma, drafter_cache="off"),
+        specdiff(gamma, 1, model=str(BLOCK_CAUSAL), context_window=WHOLE, drafter_cache="exact"),
+        specdiff(gamma, 1, model=str(BLOCK_CAUSAL), context_window=16, drafter_cache="off"),
+    ]
+
+
+def main(argv=None) -> int:
+    prepare_process()
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gamma", type=int, default=8)
+    ap.add_argument("--prompts-per-category", type=int, default=3)
+    ap.add_argument("--prompt-tokens", type=int, default=320)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-engines", type=int, default=5)
+    ap.add_argument("--out", default=str(RESULTS / "context_bench"))
+    args = ap.parse_args(argv)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(EMBEDDED_TARGET))
+    by_cat = collections.defaultdict(list)
+    for cat, ids in load_prompts(tokenizer, args.prompt_tokens):
+        if len(by_cat[cat]) < args.prompts_per_category:
+            by_cat[cat].append(ids)
+    started = time.time()
+    log = lambda msg: print(f"[{(time.time() - started) / 60:5.1f} min] {msg}", flush=True)  # noqa: E731
+    all_methods = methods(args.gamma)
+    cells = []
+    for g, group in enumerate(groups_of(all_methods, args.max_engines)):
+        log(f"starting {len(group)} engines: {[m.name for m in group]}")
+        engines = Engines(group, 1)
+        try:
+            for cat, prompts in by_cat.items():
+                runs = run_rounds(engines, group, prompts, args.max_tokens, 0.0, args.repeats,
+                                  log, cat)
+                cells += [{**c, "category": cat} for c in summarise(group, runs, 1, 0.0)
+                          if g == 0 or c["family"] != "none"]
+        finally:
+            engines.close()
+    env = environment("context_bench.py", sys.argv[1:] if argv is None else argv)
+    env["settings"] = {k: v for k, v in vars(args).items() if k != "out"}
+    minutes = (time.time() - started) / 60
+    Path(args.out + ".json").write_text(json.dumps({"env": env, "cells": cells}, indent=2) + "\n")
+    Path(args.out + ".md").write_text(report(cells, env, args, minutes, list(by_cat)))
+    log(f"wrote {args.out}.md")
+    return 0
+
+
+def report(cells, env, args, minutes, categories) -> str:
+    names = list(dict.fromkeys(c["method"] for c in cells))
+    lines = [
+        "# The drafter's context: 16-token window vs whole context, per category", "",
+        f"Command: `{env['command']}`  ", f"Commit: {env['commit']}  ",
+        f"Date: {env['date']}; wall time {minutes:.0f} min  ",
+        f"Machine: {env['cpu']}, {env['cores']} cores, torch threads {env['torch_threads']}; "
+        f"vLLM {env['vllm']} (CPU)  ",
+        f"Workload: embedded target, batch 1 (max_num_seqs 1), greedy, "
+        f"{args.prompts_per_category} prompts per category per run (Spec-Bench first turns, "
+        f"last {args.prompt_tokens} tokens; held-out TinyStories openings), {args.max_tokens} "
+        f"new tokens each; one warm-up round, then {args.repeats} interleaved repeats.", "",
+        "Cells: tau (mean tokens per verification step) / speedup over plain decoding, "
+        "median of per-repeat ratios [min-max].", "",
+        "| method | " + " | ".join(categories) + " | all (mean speedup) |",
+        "|---|" + "---|" * (len(categories) + 1)]
+    for name in names:
+        row, speedups = [], []
+        for cat in categories:
+            c = next((c for c in cells if c["method"] == name and c["category"] == cat), None)
+            if c is None:
+                row.append("")
+                continue
+            s = c["speedup"]
+            speedups.append(statistics.median(s))
+            tau = "-" if c["tau"] is None else f"{c['tau']:.2f}"
+            row.append(f"{tau} / {statistics.median(s):.2f}x [{min(s):.2f}-{max(s):.2f}]")
+        lines.append(f"| {name} | " + " | ".join(row) + f" | {statistics.mean(speedups):.2f}x |")
+    lines += ["", "Plain decoding tokens/s per category: " + ", ".join(
+        f"{c['category']} {fmt(c['tokens_per_s'])}" for c in cells if c["family"] == "none"), "",
+        "Settings of each method:", ""]
+    seen = set()
+    for c in cells:
+        if c["method"] not in seen and c["config"]:
+            seen.add(c["method"])
+            lines.append(f"- `{c['method']}`: `{json.dumps(c['config'])}`")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
