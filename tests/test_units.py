@@ -277,3 +277,10 @@ def test_placeholder_drafts_end_the_walk_with_a_target_token():
     _resample_at_invalid_drafts(out, acc, invalid, rows, cu, greedy,
                                 torch.rand(2, dtype=torch.float64))
     assert out[0].tolist() == [5, int(rows[1].argmax()), -1, -1] and int(acc[0]) == 1
+
+
+def test_null_context_window_means_the_whole_context_not_the_default():
+    assert SpecDiffConfig.from_user({"method": "specdiff"}).context_window == 16
+    assert SpecDiffConfig.from_user({"method": "specdiff", "context_window": None}).context_window is None
+    # elsewhere null still means the default
+    assert SpecDiffConfig.from_user({"method": "specdiff", "schedule": None}).schedule == "left_to_right"

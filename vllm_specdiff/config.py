@@ -18,7 +18,7 @@ MAX_GAMMA = 64
 DRAFTER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 WARMUP_METHODS = ("none", "ngram", "specdiff")
 DRAFTER_CACHES = ("auto", "exact", "approximate", "off")
-UNCACHED_CONTEXT_WINDOW = 16
+NULL_MEANS_SOMETHING = ("context_window", "draft_temperature")  # whole context; follow requests
 ADDITIONAL_CONFIG_KEY = "specdiff"  # where the settings travel in vLLM's additional_config
 
 
@@ -39,12 +39,13 @@ class SpecDiffConfig(NamedTuple):
     diffusion_steps: int = 1
     # Which masked positions each step reveals: left_to_right | random | confidence.
     schedule: str = "left_to_right"
-    # W: the drafter sees the last W context tokens (longer contexts are cut). null
-    # (the default): the whole context (up to the drafter's model_length - gamma) when
-    # the drafter cache is on, else UNCACHED_CONTEXT_WINDOW tokens. Without the cache
-    # each pass costs W + gamma tokens; with it, gamma plus the tokens new since the
-    # request's last step.
-    context_window: int | None = None
+    # W: the drafter sees the last W context tokens (longer contexts are cut); null:
+    # the whole context, up to the drafter's model_length - gamma. Without the drafter
+    # cache each pass costs W + gamma tokens; with it, gamma plus the tokens new since
+    # the request's last step, whatever W. 16 by default: on Spec-Bench the embedded
+    # drafters accept more with 16 tokens than with the whole context
+    # (benchmarks/results/context_bench.md).
+    context_window: int | None = 16
     # Keep each request's context keys and values between steps (drafter_cache.py):
     # exact (block-causal drafters) | approximate (bidirectional drafters, refreshed
     # every cache_refresh_steps steps) | off (re-encode the last W tokens every pass) |
@@ -81,7 +82,9 @@ class SpecDiffConfig(NamedTuple):
                 f"speculative_config: unknown setting(s) {unknown} for method "
                 f"'specdiff'; allowed: {sorted(allowed | {'method'})}"
             )
-        values = {k: v for k, v in settings.items() if k != "method" and v is not None}
+        # null means "the default" except where null is itself a value.
+        values = {k: v for k, v in settings.items()
+                  if k != "method" and (v is not None or k in NULL_MEANS_SOMETHING)}
         cfg = cls(**values)
         cfg.validate()
         return cfg

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from vllm_specdiff.adaptive import AdaptiveDraftLength, StepOutcome
-from vllm_specdiff.config import ADDITIONAL_CONFIG_KEY, UNCACHED_CONTEXT_WINDOW, SpecDiffConfig
+from vllm_specdiff.config import ADDITIONAL_CONFIG_KEY, SpecDiffConfig
 from vllm_specdiff.drafter import CachedCanvasArgs, ContextBatch, DiffusionDrafter, Draft
 from vllm_specdiff.drafter_cache import DrafterCache, make_drafter_cache
 from vllm_specdiff.loader import load_mdlm, torch_dtype
@@ -122,8 +122,7 @@ class SpecDiffProposer:
         block_causal = model.config.attention == "block_causal"
         cache = self.config.drafter_cache
         cached = cache == "approximate" or (cache != "off" and block_causal)
-        window = min(self.config.context_window
-                     or (model.config.model_length if cached else UNCACHED_CONTEXT_WINDOW),
+        window = min(self.config.context_window or model.config.model_length,
                      model.config.model_length - gamma, self.max_model_len)
         self.drafter = DiffusionDrafter(
             model,
