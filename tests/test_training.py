@@ -94,6 +94,25 @@ def test_drafter_writes_mdlm_layout(tmp_path, corpus, target):
     assert draft.tokens.shape == (2, 4) and int(draft.tokens.max()) < 300
 
 
+def test_block_causal_drafter_with_the_streak_objective(tmp_path, corpus, target, capsys):
+    from vllm_specdiff.loader import load_mdlm
+
+    out = tmp_path / "bc-mdlm"
+    assert main(["drafter", *distill_args(corpus, target, out, "--max-steps", "2",
+                                          "--attention", "block_causal", "--streak", "sampled",
+                                          "--streak-weight", "1.0"), *TINY_MDLM]) == 0
+    assert load_mdlm(out).config.attention == "block_causal"
+
+
+def test_expected_streak():
+    from vllm_specdiff.training.mdlm_objective import expected_streak
+
+    accept = torch.tensor([[0.5, 0.5, 0.5], [0.9, 0.5, 0.5]])
+    masked = torch.tensor([[True, True, True], [False, True, True]])
+    # row 0: 0.5 + 0.25 + 0.125; row 1: the revealed first token is given, 0.5 + 0.25
+    torch.testing.assert_close(expected_streak(accept, masked), torch.tensor([0.875, 0.75]))
+
+
 def test_ar_drafter_matches_mdlm_size(tmp_path, corpus, target):
     from transformers import AutoModelForCausalLM
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from vllm_specdiff.model import ATTENTIONS
+from vllm_specdiff.training.mdlm_objective import STREAKS
 from vllm_specdiff.training import common
 from vllm_specdiff.training.data import read_stories, tokenize_stories
 
@@ -202,6 +203,11 @@ def add_drafter_args(p) -> None:
                    help="share of prefixes of the full W tokens (rest: length 1..W)")
     p.add_argument("--kl-weight", type=float, default=0.0,
                    help="weight of KL(target || drafter) at the masked positions")
+    p.add_argument("--streak", choices=STREAKS, default="none",
+                   help="acceptance-aware term: expected accepted streak of the draft "
+                        "block (greedy: q of the target's tokens; sampled: sum min(p, q), "
+                        "needs the target as teacher)")
+    p.add_argument("--streak-weight", type=float, default=0.0)
     p.set_defaults(batch_size=64)
 
 
@@ -249,11 +255,13 @@ def run_drafter(args) -> dict:
     batcher = DraftingBatcher(data["sequences"], data["gen_start"], cfg.mask_token_id,
                               args.context_window, gammas, args.ltr_fraction,
                               args.full_window_fraction)
-    teacher = load_target(args.target, device) if args.kl_weight > 0 else None
+    needs_teacher = args.kl_weight > 0 or (args.streak == "sampled" and args.streak_weight > 0)
+    teacher = load_target(args.target, device) if needs_teacher else None
 
     def loss_fn(step, g):
         batch = batcher.sample(args.batch_size, g, device)
-        return mdlm_drafting_loss(model, batch, teacher=teacher, kl_weight=args.kl_weight)
+        return mdlm_drafting_loss(model, batch, teacher=teacher, kl_weight=args.kl_weight,
+                                  streak=args.streak, streak_weight=args.streak_weight)
 
     summary = common.train_loop(args, model, loss_fn, torch.Generator().manual_seed(args.seed),
                                 "drafter")

@@ -17,6 +17,15 @@ The span is partly masked, by one of two patterns:
 SUBS: the mask token's logit is -inf, so it is never predicted. Loss only on masked
 positions. An optional KL term pulls the drafter towards the target's next-token
 distribution at the masked positions (teacher on the same clean canvas).
+
+Acceptance-aware term (SpecDiff-2's streak distillation), optional: on the
+left-to-right rows, the expected accepted streak of the masked tail, sum over j of
+prod over i <= j of a_i, where a_i is q_i(x*_i) (greedy: the chance the drafter puts
+on the target's token) or, with ``streak="sampled"``, sum_x min(p_i(x), q_i(x)) (the
+acceptance probability of speculative sampling, p the target's distribution). The
+loss subtracts ``streak_weight`` x streak / gamma, so longer expected streaks lower it.
+The likelihood terms stay: the streak alone gives no gradient to later positions once
+an early one is hopeless.
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ class DraftingBatch:
     masked: torch.Tensor  # [B, g] bool
     weights: torch.Tensor  # [B, g] per-position loss weight (0 where not masked)
     gamma: int
+    ltr: torch.Tensor  # [B] bool: the span is masked left-to-right (a masked suffix)
 
 
 class DraftingBatcher:
@@ -103,7 +113,7 @@ class DraftingBatcher:
         key_mask = (all_cols[None, :] >= pad[:, None]) if bool((pad > 0).any()) else None
         to = lambda x: None if x is None else x.to(device)  # noqa: E731
         return DraftingBatch(to(canvas), to(clean), to(positions), to(key_mask), to(targets),
-                             to(masked), to(weights), g)
+                             to(masked), to(weights), g, to(ltr))
 
 
 def subs_logits(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
@@ -127,7 +137,18 @@ def teacher_logits(teacher, batch: DraftingBatch) -> torch.Tensor:
     return out.logits[:, -g - 1 : -1].float()
 
 
-def mdlm_drafting_loss(model, batch: DraftingBatch, teacher=None, kl_weight: float = 0.0):
+STREAKS = ("none", "greedy", "sampled")
+
+
+def expected_streak(accept: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """accept [B, g] per-position acceptance probabilities, masked [B, g] (a suffix of
+    each row, left-to-right) -> [B] expected accepted streak over the masked tail."""
+    a = torch.where(masked, accept, torch.ones_like(accept))  # revealed: already given
+    return (a.cumprod(-1) * masked).sum(-1)
+
+
+def mdlm_drafting_loss(model, batch: DraftingBatch, teacher=None, kl_weight: float = 0.0,
+                       streak: str = "none", streak_weight: float = 0.0):
     mask_id = model.config.mask_token_id
     logits = model(batch.canvas, positions=batch.positions, key_padding_mask=batch.key_mask,
                    num_last=batch.gamma, block_len=batch.gamma)
@@ -144,12 +165,26 @@ def mdlm_drafting_loss(model, batch: DraftingBatch, teacher=None, kl_weight: flo
         rows = torch.arange(B, device=first.device)
         acc_first = (logits.argmax(-1)[rows, first] == batch.targets[rows, first]).float().mean()
     info = {"acc": float(acc), "acc_first": float(acc_first)}
-    if teacher is not None and kl_weight > 0:
+    t_logp = None
+    if teacher is not None and (kl_weight > 0 or streak == "sampled"):
         t_logp = torch.log_softmax(teacher_logits(teacher, batch), -1)
+    if t_logp is not None and kl_weight > 0:
         V = t_logp.shape[-1]
         q_logp = logp[..., :V]
         kl = (t_logp.exp() * (t_logp - q_logp.clamp(min=-1e4))).sum(-1)
         kl = (kl * batch.masked).sum() / batch.masked.sum().clamp(min=1)
         loss = loss + kl_weight * kl
         info["kl"] = float(kl.detach())
+    if streak != "none" and streak_weight > 0:
+        if streak == "sampled":
+            if t_logp is None:
+                raise ValueError("streak='sampled' needs the target as teacher")
+            V = t_logp.shape[-1]
+            accept = torch.minimum(t_logp.exp(), logp[..., :V].exp()).sum(-1)
+        else:
+            accept = (-nll).exp()
+        s = expected_streak(accept, batch.masked)[batch.ltr]
+        if s.numel():
+            loss = loss - streak_weight * s.mean() / batch.gamma
+            info["streak"] = float(s.detach().mean())
     return loss, info
