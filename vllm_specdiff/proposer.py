@@ -120,8 +120,8 @@ class SpecDiffProposer:
         model = load_mdlm(self.config.drafter_path, device=device, dtype=dtype)
         gamma = self.config.gamma
         block_causal = model.config.attention == "block_causal"
-        cache = self.config.drafter_cache
-        cached = cache == "approximate" or (cache != "off" and block_causal)
+        mode = self.config.drafter_cache
+        use_cache = mode == "approximate" or (mode != "off" and block_causal)
         window = min(self.config.context_window or model.config.model_length,
                      model.config.model_length - gamma, self.max_model_len)
         self.drafter = DiffusionDrafter(
@@ -132,7 +132,7 @@ class SpecDiffProposer:
             draft_temperature=self.config.draft_temperature,
             max_positions=self.max_model_len + gamma + 1,
         )
-        if cached:
+        if use_cache:
             self.exact_cache = block_causal
             self.cache = make_drafter_cache(
                 model.config, self.vllm_config.scheduler_config.max_num_seqs, window, dtype,
@@ -171,8 +171,8 @@ class SpecDiffProposer:
         """
         assert self.drafter is not None, "load_model() was not called"
         now = time.perf_counter()
-        cached = self.cache is not None and input_batch is not None
-        if cached:
+        use_cache = self.cache is not None and input_batch is not None
+        if use_cache:
             self.cache.release_all_but(input_batch.req_ids)
         last = self._last_step
         if last is not None and pure_decode:
@@ -206,14 +206,14 @@ class SpecDiffProposer:
         rows = np.array(mdlm_rows)
         temps = np.zeros(len(rows)) if input_batch is None else input_batch.temperature_cpu[rows]
         contexts = ContextBatch(token_ids_cpu, rows, np.asarray(num_tokens_no_spec)[rows])
-        cache = None
-        if cached:
+        cached = None
+        if use_cache:
             slots = self.cache.slots_for([input_batch.req_ids[i] for i in mdlm_rows])
-            cache = CachedCanvasArgs(self.cache, slots, self.exact_cache,
-                                     None if self.exact_cache else self.config.cache_refresh_steps)
+            cached = CachedCanvasArgs(self.cache, slots, self.exact_cache,
+                                      None if self.exact_cache else self.config.cache_refresh_steps)
         draft = self.drafter.draft(contexts, max(lengths[i] for i in mdlm_rows), temps,
                                    [generators.get(i) for i in mdlm_rows] if generators else None,
-                                   cache)
+                                   cached)
         for row, toks in zip(mdlm_rows, draft.tokens.tolist()):
             # Never draft past the model's length limit.
             room = self.max_model_len - int(num_tokens_no_spec[row]) - 1
