@@ -3,8 +3,10 @@ T denoising steps.
 
 The canvas of request i is [last W context tokens, MASK x draft_len], right-aligned so
 every request's draft positions share the same columns; shorter contexts are
-left-padded and the padding is hidden from attention. Each step is one forward
-pass of the whole batch; the schedule (``schedules.py``) says which masked
+left-padded and the padding is hidden from attention (``WindowCanvas``), or, with
+the drafter cache, [the context tokens new since the request's last step, MASK x
+draft_len] against the cached keys and values of the rest (``CachedCanvas``). Each
+step is one forward pass of the whole batch; the schedule (``schedules.py``) says which masked
 positions are revealed, each drawn from the drafter's distribution q at that
 step. The result is the draft tokens and, per position, the q they were drawn
 from, over the target's vocabulary (the mask token's column dropped: SUBS).

@@ -4,12 +4,13 @@ request's last step instead of re-encoding a context window.
 
 One preallocated store for the whole engine, [n_blocks, slots, H, capacity, head_dim]
 for keys and the same for values, with one slot per request vLLM can run at once
-(``max_num_seqs``); ``capacity`` is the most context tokens a slot keeps (the drafter's
-``model_length`` minus gamma, or less). Slot bookkeeping is host-side numpy, so using
+(``max_num_seqs``); ``capacity`` is the most context tokens a slot keeps (the context
+window W, at most the drafter's ``model_length`` minus gamma). Slot bookkeeping is host-side numpy, so using
 the cache needs no device synchronisation:
 
 - a request gets a slot on its first drafting step (``slots_for``) and gives it back
-  when it finishes, is aborted or preempted, or leaves the batch (``release``); a
+  when it finishes, is aborted or preempted (``release``), or leaves the batch
+  (``release_all_but``); a
   returning request rebuilds its context from scratch;
 - ``lengths[s]`` context tokens are cached, the request's tokens ``starts[s] ..
   starts[s] + lengths[s] - 1``. Only verified context tokens are ever written (the
