@@ -48,6 +48,14 @@ PROMPTS = [
 ]
 
 
+def greedy_token_ids(llm, prompts, max_tokens: int) -> list[list[int]]:
+    """Each prompt's greedy continuation of exactly max_tokens tokens."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
 def engine_kwargs(**overrides):
     kwargs = dict(dtype="float32", enforce_eager=True, max_model_len=512, seed=0,
                   disable_log_stats=False, gpu_memory_utilization=0.3)

@@ -5,7 +5,8 @@ requests. Drafter: the embedded block-causal MDLM (exact cache)."""
 from __future__ import annotations
 
 import pytest
-from conftest import BLOCK_CAUSAL_DRAFTER, PROMPTS, TARGET, close_engine, engine_kwargs
+from conftest import (BLOCK_CAUSAL_DRAFTER, PROMPTS, TARGET, close_engine, engine_kwargs,
+                      greedy_token_ids)
 from exactness import ALPHA, NUM_SAMPLES, pvalues
 
 pytestmark = pytest.mark.slow
@@ -21,11 +22,8 @@ SMALL_KV_CACHE = 4 << 20
 SHORT_MODEL_LEN = 320  # the longest prompt + MAX_TOKENS + gamma fits
 
 
-def greedy(llm, prompts=ALL_PROMPTS):
-    from vllm import SamplingParams
-
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
-    return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+def greedy(llm):
+    return greedy_token_ids(llm, ALL_PROMPTS, MAX_TOKENS)
 
 
 def proposer(llm):

@@ -7,7 +7,7 @@ and 1, on the embedded trained pair (models/tiny-target + models/tiny-mdlm).
 from __future__ import annotations
 
 import pytest
-from conftest import DRAFTER, PROMPTS, TARGET, close_engine, engine_kwargs
+from conftest import DRAFTER, PROMPTS, TARGET, close_engine, engine_kwargs, greedy_token_ids
 
 pytestmark = pytest.mark.slow
 
@@ -16,11 +16,8 @@ SPEC = {"method": "specdiff", "model": str(DRAFTER), "num_speculative_tokens": 8
         "diffusion_steps": 2}
 
 
-def generate(llm, prompts=PROMPTS, max_tokens=MAX_TOKENS):
-    from vllm import SamplingParams
-
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+def generate(llm):
+    return greedy_token_ids(llm, PROMPTS, MAX_TOKENS)
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ every request's draft positions share the same columns; shorter contexts are
 left-padded and the padding is hidden from attention (``WindowCanvas``), or, with
 the drafter cache, [the context tokens new since the request's last step, MASK x
 draft_len] against the cached keys and values of the rest (``CachedCanvas``). Each
-step is one forward pass of the whole batch; the schedule (``schedules.py``) says which masked
-positions are revealed, each drawn from the drafter's distribution q at that
-step. The result is the draft tokens and, per position, the q they were drawn
+step is one forward pass of the whole batch; the schedule (``schedules.py``) says
+which masked positions are revealed, each drawn from the drafter's distribution q at
+that step. The result is the draft tokens and, per position, the q they were drawn
 from, over the target's vocabulary (the mask token's column dropped: SUBS).
 """
 
@@ -85,6 +85,21 @@ def softmax_(x: torch.Tensor, temps: torch.Tensor) -> torch.Tensor:
     return x.div_(x.sum(-1, keepdim=True))
 
 
+def left_padded(contexts: ContextBatch, rows: np.ndarray, first: np.ndarray,
+                counts: np.ndarray, fill: int):
+    """Tokens ``first[i] .. first[i] + counts[i] - 1`` of the contexts of ``rows``,
+    right-aligned in one [len(rows), max(counts)] array with one gather (no loop over
+    requests), ``fill`` in the left padding. Returns the tokens, each column's index
+    in its context (0 in the padding), which columns are real, and each row's padding."""
+    width = int(counts.max(initial=0))
+    pad = width - counts
+    cols = np.arange(width)
+    real = cols[None, :] >= pad[:, None]
+    src = np.where(real, first[:, None] + cols[None, :] - pad[:, None], 0)
+    ids = np.where(real, contexts.tokens[contexts.rows[rows][:, None], src], fill)
+    return ids.astype(np.int64, copy=False), src, real, pad
+
+
 class WindowCanvas:
     """[last W context tokens, MASK x draft_len] per row, right-aligned so every row's
     draft positions share the same columns (shorter contexts left-padded, the padding
@@ -93,14 +108,11 @@ class WindowCanvas:
     def __init__(self, drafter: "DiffusionDrafter", contexts: ContextBatch, draft_len: int):
         self.model, self.draft_len = drafter.model, draft_len
         lengths = np.minimum(contexts.lengths, drafter.context_window)
-        width = int(lengths.max()) + draft_len
-        pad = width - draft_len - lengths  # [B] left padding of each row
-        cols = np.arange(width - draft_len)
-        real = cols[None, :] >= pad[:, None]
-        src = np.where(real, contexts.lengths[:, None] - lengths[:, None] + cols[None, :] - pad[:, None], 0)
-        ctx = np.where(real, contexts.tokens[contexts.rows[:, None], src], drafter.mask_id)
+        ctx, _, _, pad = left_padded(contexts, np.arange(len(lengths)),
+                                     contexts.lengths - lengths, lengths, drafter.mask_id)
+        width = ctx.shape[1] + draft_len
         ids = torch.full((len(lengths), width), drafter.mask_id, dtype=torch.long)
-        ids[:, : width - draft_len] = torch.from_numpy(ctx.astype(np.int64, copy=False))
+        ids[:, : width - draft_len] = torch.from_numpy(ctx)
         all_cols, pad = torch.arange(width), torch.from_numpy(pad)
         positions = (all_cols[None, :] - pad[:, None]).clamp_(min=0)
         # Attention masks cost time in SDPA; only build one when padding exists.
@@ -133,8 +145,7 @@ class CachedCanvas:
     def __init__(self, drafter: "DiffusionDrafter", cache: DrafterCache, slots: np.ndarray,
                  contexts: ContextBatch, draft_len: int, causal_context: bool,
                  refresh_steps: int | None):
-        self.drafter, self.cache, self.draft_len = drafter, cache, draft_len
-        self.causal_context = causal_context
+        self.drafter, self.cache, self.causal_context = drafter, cache, causal_context
         self.slots, self.contexts, self.n = slots, contexts, contexts.lengths
         device = drafter.device
         self._make_room(refresh_steps)
@@ -177,16 +188,11 @@ class CachedCanvas:
         d, c = self.drafter, self.cache
         slots = self.slots[rows]
         new = new[rows]
-        width = int(new.max(initial=0))
         block_len = 0 if block is None else block.shape[1]
-        pad = width - new
-        cols = np.arange(width)
-        real = cols[None, :] >= pad[:, None]
-        first = c.starts[slots] + c.lengths[slots]  # context index of each row's first new token
-        src = np.where(real, first[:, None] + cols[None, :] - pad[:, None], 0)
-        ids = np.where(real, self.contexts.tokens[self.contexts.rows[rows][:, None], src], d.mask_id)
+        ids, src, real, pad = left_padded(self.contexts, rows, c.starts[slots] + c.lengths[slots],
+                                          new, d.mask_id)
         device = d.device
-        ids = torch.from_numpy(ids.astype(np.int64, copy=False)).to(device)
+        ids = torch.from_numpy(ids).to(device)
         positions = torch.from_numpy(src).to(device)
         real_t = torch.from_numpy(real).to(device)
         if block is not None:

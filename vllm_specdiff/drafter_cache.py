@@ -5,13 +5,12 @@ request's last step instead of re-encoding a context window.
 One preallocated store for the whole engine, [n_blocks, slots, H, capacity, head_dim]
 for keys and the same for values, with one slot per request vLLM can run at once
 (``max_num_seqs``); ``capacity`` is the most context tokens a slot keeps (the context
-window W, at most the drafter's ``model_length`` minus gamma). Slot bookkeeping is host-side numpy, so using
-the cache needs no device synchronisation:
+window W, at most the drafter's ``model_length`` minus gamma). Slot bookkeeping is
+host-side numpy, so using the cache needs no device synchronisation:
 
 - a request gets a slot on its first drafting step (``slots_for``) and gives it back
   when it finishes, is aborted or preempted (``release``), or leaves the batch
-  (``release_all_but``); a
-  returning request rebuilds its context from scratch;
+  (``release_all_but``); a returning request rebuilds its context from scratch;
 - ``lengths[s]`` context tokens are cached, the request's tokens ``starts[s] ..
   starts[s] + lengths[s] - 1``. Only verified context tokens are ever written (the
   draft block never is), so nothing needs rolling back after a rejection;
@@ -22,6 +21,7 @@ the cache needs no device synchronisation:
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import torch
@@ -38,8 +38,7 @@ class DrafterCacheError(ValueError):
 class DrafterCache:
     def __init__(self, config: MDLMConfig, slots: int, capacity: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu"):
-        head_dim = config.hidden_dim // config.n_heads
-        shape = (config.n_blocks, slots, config.n_heads, capacity, head_dim)
+        shape = self.shape(config, slots, capacity)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.capacity = capacity
@@ -50,9 +49,15 @@ class DrafterCache:
         self._free = list(range(slots - 1, -1, -1))
 
     @staticmethod
-    def nbytes_for(config: MDLMConfig, slots: int, capacity: int, dtype: torch.dtype) -> int:
+    def shape(config: MDLMConfig, slots: int, capacity: int) -> tuple[int, ...]:
+        """Of the key store and of the value store."""
+        return (config.n_blocks, slots, config.n_heads, capacity,
+                config.hidden_dim // config.n_heads)
+
+    @classmethod
+    def nbytes_for(cls, config: MDLMConfig, slots: int, capacity: int, dtype: torch.dtype) -> int:
         elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * config.n_blocks * slots * capacity * config.hidden_dim * elem
+        return 2 * math.prod(cls.shape(config, slots, capacity)) * elem
 
     @property
     def nbytes(self) -> int:
