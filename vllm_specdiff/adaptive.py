@@ -14,14 +14,25 @@ learned from the steps it sees:
   the expected tokens of a step at draft length k are 1 + a_1 + a_1 a_2 + ...
 
 The goodput of draft length k is batch * tokens(k) / cost(k). A new bucket measures
-two arms only: 0 (plain decoding, which costs nothing extra to measure) and gamma
+two arms first: 0 (plain decoding, which costs nothing extra to measure; its cost is
+the median of a few steps, since every other arm is judged against it) and gamma
 (which shows the acceptance at every position and the most expensive step), and keeps
-gamma until the drafter's acceptance has been seen on a few rows; every other length
-is then predicted, and each step runs the best one, whose measured cost replaces the
-interpolation once it has run. Every ``probe_every`` steps plain decoding or another
-arm whose goodput is at least plain decoding's is re-measured, so the costs stay
-current; an arm below plain decoding is not run again until its measurement is
-``forget_after`` steps old (traffic and machines change).
+gamma until the drafter's acceptance has been seen on a few rows. Every other length is
+then predicted, and each step runs the best one, but a draft length must beat plain
+decoding's goodput by ``min_gain`` (10%) to be run: drafting costs what a step's clock
+does not see (requests that finish at different steps leave partly filled batches and
+prefills spread over more steps), so a draft length that merely ties plain decoding
+step for step loses over a run. A drafted arm's first measured step
+replaces its prediction at once, so a length that was predicted to pay and does not is
+dropped after one step. Every ``probe_every`` steps plain decoding or another arm whose
+goodput is at least plain decoding's is re-measured, so the costs stay current.
+
+While drafting is off, the most promising draft length is re-measured with a single
+step after ``reprobe_after`` steps, and the wait doubles (up to ``reprobe_max``) each
+time drafting stays off: a cost measured under other traffic cannot keep drafting off
+for good, and under a load where drafting never pays the probes cost a few steps in a
+thousand. (Under load a drafted step costs several plain ones, so every exploratory
+step shows in a 128-token run.)
 
 One input, one output: ``observe(StepOutcome)`` after each decode step, and
 ``next_draft_len(batch)`` before drafting the next one.
@@ -71,13 +82,14 @@ MIN_EVIDENCE = 8  # drafted rows seen at position 0 before acceptance is predict
 @dataclass
 class Arm:
     """The recent step costs of one draft length in one bucket. A median, not a mean:
-    a garbage-collection pause or a one-time warm-up (a new shape, a JIT) makes single
-    steps several times slower, and one such step must not decide the draft length."""
+    a garbage-collection pause or a one-time warm-up (a new shape) makes single steps
+    several times slower, and one such step must not decide the draft length for long."""
 
     costs: deque = field(default_factory=lambda: deque(maxlen=RECENT))
     rates: deque = field(default_factory=lambda: deque(maxlen=RECENT))  # tokens/s, for logs
     samples: int = 0
     last_step: int = 0  # the bucket's step count at the latest sample
+    stale: bool = False  # re-probed: its next sample replaces the older ones
 
     @property
     def seconds(self) -> float:
@@ -92,18 +104,22 @@ class Arm:
 class Bucket:
     arms: dict[int, Arm] = field(default_factory=dict)
     steps: int = 0
+    reprobe_at: int | None = None  # step at which drafting-off re-measures a draft length
+    reprobe_wait: int = 0
 
 
 class AdaptiveDraftLength:
     def __init__(self, gamma: int, enabled: bool = True,
-                 warm_samples: int = 3, probe_every: int = 16, forget_after: int = 256,
-                 log_interval_s: float = 10.0):
+                 warm_samples: int = 3, probe_every: int = 16, reprobe_after: int = 64,
+                 reprobe_max: int = 1024, min_gain: float = 1.1, log_interval_s: float = 10.0):
         self.gamma = gamma
         self.enabled = enabled
         self.draft_lens = candidate_draft_lens(gamma)
         self.warm_samples = warm_samples
         self.probe_every = probe_every
-        self.forget_after = forget_after
+        self.reprobe_after = reprobe_after
+        self.reprobe_max = reprobe_max
+        self.min_gain = min_gain
         self.log_interval_s = log_interval_s
         self.buckets: dict[int, Bucket] = {}
         # P(position i accepted | position i-1 accepted), i = 1..gamma, with the number
@@ -130,6 +146,10 @@ class AdaptiveDraftLength:
         arm.last_step = bucket.steps
         if arm.samples and step.seconds > 20 * arm.seconds:  # an idle gap, not a step: ignore
             return
+        if arm.stale:
+            arm.costs.clear()
+            arm.rates.clear()
+            arm.stale = False
         arm.costs.append(step.seconds)
         arm.rates.append(step.tokens / step.seconds)
         arm.samples += 1
@@ -159,9 +179,15 @@ class AdaptiveDraftLength:
             total += prefix
         return total
 
+    def _measured(self, arms: dict[int, Arm]) -> list[int]:
+        """Draft lengths whose cost is known: plain decoding after ``warm_samples``
+        steps (every other arm is judged against it), a drafted length after one."""
+        return sorted(n for n, a in arms.items()
+                      if a.samples >= (self.warm_samples if n == 0 else 1))
+
     def _cost(self, arms: dict[int, Arm], draft_len: int) -> float | None:
         """Measured cost, else linear between (or beyond) the nearest measured lengths."""
-        known = sorted(n for n, a in arms.items() if a.samples >= self.warm_samples)
+        known = self._measured(arms)
         if draft_len in known:
             return arms[draft_len].seconds
         if len(known) < 2:
@@ -188,31 +214,44 @@ class AdaptiveDraftLength:
             return self.gamma
         bucket = self.buckets.setdefault(bucket_of(batch), Bucket())
         bucket.steps += 1
-        # A measurement not refreshed for `forget_after` steps is dropped: an arm once
-        # measured below plain decoding is re-measured after that long, in case the
-        # traffic or the machine changed (3 steps in 256 at most).
-        for n in [n for n, a in bucket.arms.items() if bucket.steps - a.last_step > self.forget_after]:
-            del bucket.arms[n]
-        warm = {n for n, a in bucket.arms.items() if a.samples >= self.warm_samples}
-        if 0 not in warm:
+        known = self._measured(bucket.arms)
+        if 0 not in known:
             choice = 0  # plain decoding: the reference, measured at no extra cost
-        elif self.gamma not in warm or self.position_evidence[0] < MIN_EVIDENCE:
+        elif self.gamma not in known or self.position_evidence[0] < MIN_EVIDENCE:
             # The longest draft: its cost, and the acceptance at every position. Until
             # the drafter's acceptance has been seen at all (a request's first tokens
             # are drafted by the n-gram warm-up), nothing can be predicted.
             choice = self.gamma
         else:
             rates = {n: self.goodput(batch, n) for n in self.draft_lens}
-            ranked = sorted(self.draft_lens, key=lambda n: rates[n], reverse=True)
-            choice = ranked[0]
-            if bucket.steps % self.probe_every == 0:
-                # Re-measure another arm, never one whose goodput is below plain
-                # decoding's (plain decoding itself is re-measured too: costs drift).
-                others = [n for n in ranked[1:] if rates[n] >= rates[0] or n == 0]
-                if others:
+            bar = self.min_gain * rates[0]
+            paying = [n for n in self.draft_lens if n and rates[n] >= bar]
+            if not paying:
+                choice = self._reprobe(bucket, max((n for n in self.draft_lens if n), key=rates.get))
+            else:
+                choice = max(paying, key=rates.get)
+                bucket.reprobe_at = None
+                if bucket.steps % self.probe_every == 0:
+                    # Re-measure another arm that pays, or plain decoding (costs drift).
+                    others = [n for n in [0] + paying if n != choice]
                     choice = others[(bucket.steps // self.probe_every) % len(others)]
         self._log(bucket_of(batch), choice, batch)
         return choice
+
+    def _reprobe(self, bucket: Bucket, candidate: int) -> int:
+        """Drafting is off in this bucket: 0, or once per (doubling) wait the draft
+        length predicted best, measured afresh."""
+        if bucket.reprobe_at is None:
+            bucket.reprobe_wait = self.reprobe_after
+            bucket.reprobe_at = bucket.steps + bucket.reprobe_wait
+            return 0
+        if bucket.steps < bucket.reprobe_at:
+            return 0
+        bucket.reprobe_wait = min(2 * bucket.reprobe_wait, self.reprobe_max)
+        bucket.reprobe_at = bucket.steps + bucket.reprobe_wait
+        if candidate in bucket.arms:
+            bucket.arms[candidate].stale = True
+        return candidate
 
     def _log(self, bucket: int, choice: int, batch: int) -> None:
         now = time.monotonic()
