@@ -18,14 +18,14 @@ two arms first: 0 (plain decoding, which costs nothing extra to measure; its cos
 the median of a few steps, since every other arm is judged against it) and gamma
 (which shows the acceptance at every position and the most expensive step), and keeps
 gamma until the drafter's acceptance has been seen on a few rows. Every other length is
-then predicted, and each step runs the best one, but a draft length must beat plain
-decoding's goodput by ``min_gain`` (10%) to be run: drafting costs what a step's clock
-does not see (requests that finish at different steps leave partly filled batches and
-prefills spread over more steps), so a draft length that merely ties plain decoding
-step for step loses over a run. A drafted arm's first measured step
-replaces its prediction at once, so a length that was predicted to pay and does not is
-dropped after one step. Every ``probe_every`` steps plain decoding or another arm whose
-goodput is at least plain decoding's is re-measured, so the costs stay current.
+then predicted, and each step runs the best one whose goodput beats plain decoding's
+by ``min_gain`` (10%): drafting costs what a step's clock does not see (requests that
+finish at different steps leave partly filled batches and spread the next prefills
+over more steps), so a draft length that merely ties plain decoding step for step
+loses over a run. A drafted arm's first measured step replaces its prediction, so a
+length predicted to pay that does not is dropped after one step. Every
+``probe_every`` steps plain decoding or another length that pays is re-measured, so
+the costs stay current.
 
 While drafting is off, the most promising draft length is re-measured with a single
 step after ``reprobe_after`` steps, and the wait doubles (up to ``reprobe_max``) each
