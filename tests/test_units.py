@@ -242,6 +242,22 @@ def test_a_length_that_only_ties_plain_decoding_is_not_run():
     assert choices[-40:] == [0] * 40, choices
 
 
+def test_an_arms_own_tokens_cap_what_the_acceptance_model_predicts():
+    """The acceptance model sees only the rows the MDLM drafted at full length; when a
+    length's steps deliver fewer tokens per request than it predicts (other rows in
+    the batch), the delivered tokens decide once they cover enough rows."""
+    a = AdaptiveDraftLength(8)
+    cost = {0: 0.010, 1: 0.016, 2: 0.018, 4: 0.024, 8: 0.032}
+    for _ in range(60):
+        k = a.next_draft_len(8)
+        if k:  # two rows draft and accept everything; the six others get one token each
+            a.observe(StepOutcome(8, k, tokens=8 + 2 * k, seconds=cost[k], accepted=(k, k)))
+        else:
+            a.observe(StepOutcome(8, 0, tokens=8, seconds=cost[0]))
+    assert a.expected_tokens(4) > 4  # the model alone would draft: 8 * 4 / 0.024 > 1.1 * 8 / 0.01
+    assert a.next_draft_len(8) == 0
+
+
 def test_while_drafting_is_off_one_step_is_re_measured_with_doubling_waits():
     engine = ScriptedEngine(GOOD_DRAFTER, draft=3e-4)  # a drafted step: 3.7x-22x a plain one
     a = AdaptiveDraftLength(8, reprobe_after=64, reprobe_max=512)

@@ -77,6 +77,7 @@ def bucket_of(batch: int) -> int:
 RECENT = 9  # step costs an arm remembers; their median is its cost
 ACCEPTANCE_DECAY = 0.95  # per step: the acceptance model follows the last ~20 steps
 MIN_EVIDENCE = 8  # drafted rows seen at position 0 before acceptance is predicted from
+MEASURED_ROWS = 32  # rows an arm's recent steps must cover before their tokens cap its prediction
 
 
 @dataclass
@@ -86,7 +87,8 @@ class Arm:
     several times slower, and one such step must not decide the draft length for long."""
 
     costs: deque = field(default_factory=lambda: deque(maxlen=RECENT))
-    rates: deque = field(default_factory=lambda: deque(maxlen=RECENT))  # tokens/s, for logs
+    tokens: deque = field(default_factory=lambda: deque(maxlen=RECENT))  # per step
+    rows: deque = field(default_factory=lambda: deque(maxlen=RECENT))  # requests per step
     samples: int = 0
     last_step: int = 0  # the bucket's step count at the latest sample
     stale: bool = False  # re-probed: its next sample replaces the older ones
@@ -97,7 +99,12 @@ class Arm:
 
     @property
     def rate(self) -> float:
-        return statistics.median(self.rates)
+        """Measured tokens/s of its recent steps."""
+        return sum(self.tokens) / sum(self.costs)
+
+    @property
+    def tokens_per_row(self) -> float:
+        return sum(self.tokens) / sum(self.rows)
 
 
 @dataclass
@@ -148,10 +155,12 @@ class AdaptiveDraftLength:
             return
         if arm.stale:
             arm.costs.clear()
-            arm.rates.clear()
+            arm.tokens.clear()
+            arm.rows.clear()
             arm.stale = False
         arm.costs.append(step.seconds)
-        arm.rates.append(step.tokens / step.seconds)
+        arm.tokens.append(step.tokens)
+        arm.rows.append(step.batch)
         arm.samples += 1
 
     def _learn_acceptance(self, draft_len: int, accepted: tuple[int, ...]) -> None:
@@ -202,10 +211,21 @@ class AdaptiveDraftLength:
     def goodput(self, batch: int, draft_len: int) -> float | None:
         """Predicted tokens/s of this draft length in this batch's bucket: the expected
         tokens of the acceptance model over the step cost (measured, or interpolated);
-        None while the bucket lacks the measurements to predict it. The tokens a few
-        steps happened to produce are too noisy at small batches to rank arms by."""
-        cost = self._cost(self.buckets.get(bucket_of(batch), Bucket()).arms, draft_len)
-        return None if cost is None else batch * self.expected_tokens(draft_len) / cost
+        None while the bucket lacks the measurements to predict it. Once the length's
+        own recent steps cover ``MEASURED_ROWS`` requests, the tokens per request they
+        delivered cap the prediction: the acceptance model is shared by every bucket
+        and length, and a step's tokens include rows it does not model (n-gram warm-up
+        rows, rows cut short by the length limit). A few rows at small batches are too
+        noisy to rank by, so below that only the model counts."""
+        arms = self.buckets.get(bucket_of(batch), Bucket()).arms
+        cost = self._cost(arms, draft_len)
+        if cost is None:
+            return None
+        tokens = self.expected_tokens(draft_len)
+        arm = arms.get(draft_len)
+        if draft_len and arm is not None and sum(arm.rows) >= MEASURED_ROWS:
+            tokens = min(tokens, arm.tokens_per_row)
+        return batch * tokens / cost
 
     # -- output --------------------------------------------------------------------
 
