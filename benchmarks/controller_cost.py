@@ -35,16 +35,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from spec_bench import (KV_CACHE_BYTES, MAX_MODEL_LEN, RESULTS, environment,  # noqa: E402
-                        load_prompts, specdiff)
+from floor import BATCHES, DEFAULT, QUICK_BATCHES, workload_prompts  # noqa: E402
+from spec_bench import KV_CACHE_BYTES, MAX_MODEL_LEN, RESULTS, environment  # noqa: E402
 
-from vllm_specdiff.config import SpecDiffConfig  # noqa: E402
 from vllm_specdiff.runtime import (EMBEDDED_TARGET, close_engine,  # noqa: E402
                                    cpu_engine_defaults, prepare_process)
 
 POLICIES = ["adaptive", "off", "gamma"]
-DEFAULTS = SpecDiffConfig()
-SPEC = specdiff(DEFAULTS.num_speculative_tokens, DEFAULTS.diffusion_steps).speculative_config
+SPEC = DEFAULT.speculative_config  # floor.py's "specdiff defaults"
 
 
 def run_cell(batch: int, temperatures: list[float], prompts, args, log) -> list[dict]:
@@ -138,16 +136,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=128)
     args = ap.parse_args()
-    args.batches = args.batches or ([1, 8, 32] if args.quick else [1, 2, 4, 8, 16, 32, 64])
+    args.batches = args.batches or (QUICK_BATCHES if args.quick else BATCHES)
     args.temperatures = args.temperatures or ([0.0] if args.quick else [0.0, 1.0])
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override kv_cache_memory_bytes
     prepare_process(quiet=True)
-    from transformers import AutoTokenizer
-
     env = environment("controller_cost.py", sys.argv[1:])
-    prompts = [ids for _, ids in load_prompts(AutoTokenizer.from_pretrained(str(EMBEDDED_TARGET)), 256)]
+    prompts = workload_prompts()
     started = time.time()
 
     def log(message):

@@ -45,6 +45,17 @@ DRAFTING_OFF = replace(DEFAULT, name="specdiff, drafting off", family="specdiff-
 METHODS = [NONE, DEFAULT, DRAFTING_OFF]
 GOAL = 0.95
 LOAD_CHANGE = dict(batch=64, first_tokens=32)
+BATCHES, QUICK_BATCHES = [1, 2, 4, 8, 16, 32, 64], [1, 8, 32]
+PROMPT_TOKENS = 256
+
+
+def workload_prompts() -> list[list[int]]:
+    """Spec-Bench and held-out TinyStories prompts, round-robin, last 256 tokens each
+    (a cell b submits the first 3b)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(EMBEDDED_TARGET))
+    return [ids for _, ids in load_prompts(tokenizer, PROMPT_TOKENS)]
 
 
 def report(cells, load_cells, env, args, minutes) -> str:
@@ -98,13 +109,11 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--no-load-change", action="store_true")
     args = ap.parse_args()
-    args.batches = args.batches or ([1, 8, 32] if args.quick else [1, 2, 4, 8, 16, 32, 64])
+    args.batches = args.batches or (QUICK_BATCHES if args.quick else BATCHES)
     args.temperatures = args.temperatures or ([0.0] if args.quick else [0.0, 1.0])
     prepare_process(quiet=True)
-    from transformers import AutoTokenizer
-
     env = environment("floor.py", sys.argv[1:])
-    prompts = [ids for _, ids in load_prompts(AutoTokenizer.from_pretrained(str(EMBEDDED_TARGET)), 256)]
+    prompts = workload_prompts()
     started = time.time()
 
     def log(message):
