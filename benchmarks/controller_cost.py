@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from floor import BATCHES, DEFAULT, QUICK_BATCHES, workload_prompts  # noqa: E402
+from floor import DEFAULT, add_workload_args, workload_args, workload_prompts  # noqa: E402
 from spec_bench import KV_CACHE_BYTES, MAX_MODEL_LEN, RESULTS, environment  # noqa: E402
 
 from vllm_specdiff.runtime import (EMBEDDED_TARGET, close_engine,  # noqa: E402
@@ -130,14 +130,8 @@ def report(cells, env, args, minutes) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--batches", type=int, nargs="+", default=None)
-    ap.add_argument("--temperatures", type=float, nargs="+", default=None)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--max-tokens", type=int, default=128)
-    args = ap.parse_args()
-    args.batches = args.batches or (QUICK_BATCHES if args.quick else BATCHES)
-    args.temperatures = args.temperatures or ([0.0] if args.quick else [0.0, 1.0])
+    add_workload_args(ap)
+    args = workload_args(ap.parse_args())
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override kv_cache_memory_bytes

@@ -49,6 +49,21 @@ BATCHES, QUICK_BATCHES = [1, 2, 4, 8, 16, 32, 64], [1, 8, 32]
 PROMPT_TOKENS = 256
 
 
+def add_workload_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--batches", type=int, nargs="+", default=None)
+    ap.add_argument("--temperatures", type=float, nargs="+", default=None)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-tokens", type=int, default=128)
+
+
+def workload_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Unset batches and temperatures: every cell, or the quick ones."""
+    args.batches = args.batches or (QUICK_BATCHES if args.quick else BATCHES)
+    args.temperatures = args.temperatures or ([0.0] if args.quick else [0.0, 1.0])
+    return args
+
+
 def workload_prompts() -> list[list[int]]:
     """Spec-Bench and held-out TinyStories prompts, round-robin, last 256 tokens each
     (a cell b submits the first 3b)."""
@@ -102,15 +117,9 @@ def report(cells, load_cells, env, args, minutes) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--batches", type=int, nargs="+", default=None)
-    ap.add_argument("--temperatures", type=float, nargs="+", default=None)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--max-tokens", type=int, default=128)
+    add_workload_args(ap)
     ap.add_argument("--no-load-change", action="store_true")
-    args = ap.parse_args()
-    args.batches = args.batches or (QUICK_BATCHES if args.quick else BATCHES)
-    args.temperatures = args.temperatures or ([0.0] if args.quick else [0.0, 1.0])
+    args = workload_args(ap.parse_args())
     prepare_process(quiet=True)
     env = environment("floor.py", sys.argv[1:])
     prompts = workload_prompts()
