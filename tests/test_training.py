@@ -100,8 +100,10 @@ def test_block_causal_drafter_with_the_streak_objective(tmp_path, corpus, target
     out = tmp_path / "bc-mdlm"
     assert main(["drafter", *distill_args(corpus, target, out, "--max-steps", "2",
                                           "--attention", "block_causal", "--streak", "sampled",
-                                          "--streak-weight", "1.0"), *TINY_MDLM]) == 0
+                                          "--streak-weight", "1.0"), *TINY_MDLM,
+                 "--hidden-dim", "16"]) == 0  # narrower than the target: projected embeddings
     assert load_mdlm(out).config.attention == "block_causal"
+    assert "output head (projected to width 16) initialised from the target" in capsys.readouterr().out
 
 
 def test_expected_streak():
@@ -200,3 +202,24 @@ def test_init_from_grows_a_model_without_changing_its_outputs(tmp_path, corpus, 
                  "--max-steps", "2", "--init-from", str(target), "--tokenizer", str(target),
                  *TINY_TARGET, "--n-layer", "3"]) == 0  # the last --n-layer wins
     assert json.loads((out / "config.json").read_text())["n_layer"] == 3
+
+
+def test_a_narrower_drafter_starts_from_the_targets_principal_embedding_directions(target):
+    """embeddings_of_width: same width -> the embeddings themselves; narrower -> their
+    best rank-d approximation in d coordinates (inner products of a rank-d table kept
+    exactly); wider -> one clear error."""
+    from transformers import GPT2LMHeadModel
+
+    from vllm_specdiff.training.distill import embeddings_of_width
+
+    model = GPT2LMHeadModel.from_pretrained(target)
+    emb = model.get_input_embeddings().weight.detach().float()
+    torch.testing.assert_close(embeddings_of_width(model, 32), emb)
+    with torch.no_grad():  # make the table rank 8: 8 coordinates then hold all of it
+        low = torch.randn(emb.shape[0], 8) @ torch.randn(8, emb.shape[1])
+        model.get_input_embeddings().weight.copy_(low)
+    narrow = embeddings_of_width(model, 8)
+    assert narrow.shape == (emb.shape[0], 8)
+    torch.testing.assert_close(narrow @ narrow.T, low @ low.T, rtol=1e-3, atol=1e-3)
+    with pytest.raises(SystemExit, match="wider"):
+        embeddings_of_width(model, 64)

@@ -287,26 +287,41 @@ def _target_config(path):
     return AutoConfig.from_pretrained(path)
 
 
+@torch.no_grad()
+def embeddings_of_width(target, width: int) -> torch.Tensor:
+    """The target's token embeddings [V, width]: as they are at the target's width, else
+    projected onto their top ``width`` principal directions (SVD), so that a narrower
+    drafter starts with tokens the target treats alike close together instead of
+    random vectors."""
+    emb = target.get_input_embeddings().weight.detach().float()
+    if emb.shape[1] == width:
+        return emb
+    if width > emb.shape[1]:
+        raise SystemExit(f"--init-from-target: the drafter is wider ({width}) than the "
+                         f"target's embeddings ({emb.shape[1]}); use --no-init-from-target")
+    _, _, vt = torch.linalg.svd(emb, full_matrices=False)
+    return emb @ vt[:width].T
+
+
 def _init_mdlm_from_target(model, target_path) -> None:
     """Warm start: the MDLM's token embedding and output head from the target's
-    (tied) embedding, and, for a GPT-2 target of the same width, its blocks from the
+    (tied) embedding (``embeddings_of_width``), and, for a GPT-2 target of the same width, its blocks from the
     target's first blocks (attention and MLP weights; LayerNorm biases go into the
     adaLN shifts, gates start at 1), made bidirectional with rotary positions."""
     target = load_target(target_path, "cpu")
-    emb = target.get_input_embeddings().weight.detach().float()
     bb = model.backbone
     d = bb.vocab_embed.embedding.shape[1]
-    if emb.shape[1] != d:
-        print("[drafter] target embedding width differs: random init")
-        return
+    emb = embeddings_of_width(target, d)
+    same_width = emb.shape[1] == target.get_input_embeddings().weight.shape[1]
     V = emb.shape[0]
     with torch.no_grad():
         bb.vocab_embed.embedding[:V] = emb
         bb.output_layer.linear.weight[:V] = emb
         bb.output_layer.linear.weight[V:] = 0
-        what = "token embeddings and output head"
+        what = "token embeddings and output head" + ("" if same_width else
+                                                      f" (projected to width {d})")
         layers = getattr(getattr(target, "transformer", None), "h", None)
-        if target.config.model_type == "gpt2" and layers is not None \
+        if same_width and target.config.model_type == "gpt2" and layers is not None \
                 and len(layers) >= len(bb.blocks) \
                 and target.config.n_head == bb.blocks[0].n_heads:
             for blk, src in zip(bb.blocks, layers):
@@ -382,9 +397,12 @@ def run_ar(args) -> dict:
         dst = model.state_dict()
         # embeddings, the first n_layer blocks and the final norm, where shapes match
         take = {k: v for k, v in src.items() if k in dst and dst[k].shape == v.shape}
+        if "transformer.wte.weight" not in take:  # a narrower drafter
+            take["transformer.wte.weight"] = embeddings_of_width(target, args.n_embd)
         model.load_state_dict(take, strict=False)
-        print(f"[ar-drafter] {len(take)}/{len(dst)} tensors (embeddings, first "
-              f"{n_layer} blocks, final norm) initialised from the target")
+        print(f"[ar-drafter] {len(take)}/{len(dst)} tensors (token embeddings; where shapes "
+              f"match, position embeddings, the first {n_layer} blocks and the final norm) "
+              "initialised from the target")
         del target
     model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
