@@ -27,7 +27,8 @@ Protocol (what each number means):
 
 Prompts: Spec-Bench (six categories, first turn, last --prompt-tokens tokens so they fit
 the 512-token target) and held-out TinyStories openings, round-robin over the seven.
-Results: benchmarks/results/spec_bench[_quick].{md,json,png}.
+Models: the tiny pair (``models/tiny-*``, default) or, with ``--pair small``, the small one.
+Results: benchmarks/results/spec_bench[_small][_quick].{md,json,png}.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,6 +70,30 @@ class Method:
     name: str
     family: str  # none | specdiff | specdiff-off | ngram | draft_model
     speculative_config: dict | None
+    target: str = str(EMBEDDED_TARGET)
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A target with its MDLM drafter and the AR drafter ``draft_model`` runs."""
+
+    target: Path
+    mdlm: Path
+    ar: Path
+
+
+PAIRS = {"tiny": Pair(EMBEDDED_TARGET, EMBEDDED_DRAFTER, EMBEDDED_AR_DRAFTER),
+         "small": Pair(ROOT / "models" / "small-target", ROOT / "models" / "small-mdlm",
+                       ROOT / "models" / "small-ar-drafter")}
+
+
+def on_pair(method: Method, pair: Pair) -> Method:
+    """The same method with another pair's target and drafter."""
+    config = method.speculative_config
+    if config is not None and "model" in config:
+        config = {**config, "model": str(pair.mdlm if method.family.startswith("specdiff")
+                                         else pair.ar)}
+    return replace(method, target=str(pair.target), speculative_config=config)
 
 
 def specdiff(gamma: int, steps: int, **overrides) -> Method:
@@ -118,7 +143,7 @@ def engine_process(conn, method: Method, max_num_seqs: int) -> None:
         from vllm_specdiff.adaptive import AdaptiveDraftLength
 
         AdaptiveDraftLength.next_draft_len = lambda self, batch: 0
-    llm = LLM(model=str(EMBEDDED_TARGET), speculative_config=method.speculative_config,
+    llm = LLM(model=method.target, speculative_config=method.speculative_config,
               max_num_seqs=max_num_seqs, max_model_len=MAX_MODEL_LEN,
               kv_cache_memory_bytes=KV_CACHE_BYTES,
               **{k: v for k, v in cpu_engine_defaults().items() if k != "gpu_memory_utilization"})
@@ -265,8 +290,9 @@ def run_rounds(engines: Engines, methods, prompts, max_tokens, temperature, repe
 def groups_of(methods: list[Method], size: int) -> list[list[Method]]:
     """Methods in groups of at most `size` engines, plain decoding in every group (each
     speedup is measured against the plain runs of its own rounds)."""
-    others = [m for m in methods if m is not NONE]
-    return [[NONE, *others[i:i + size - 1]] for i in range(0, len(others), size - 1)]
+    plain = next(m for m in methods if m.family == "none")
+    others = [m for m in methods if m is not plain]
+    return [[plain, *others[i:i + size - 1]] for i in range(0, len(others), size - 1)]
 
 
 def run_grid(methods, prompts, batches, temperatures, repeats, max_tokens, log,
@@ -377,7 +403,9 @@ def environment(script: str, argv: list[str]) -> dict:
 
 def report(cells, length_cells, env, args, minutes) -> str:
     batches = sorted({c["batch"] for c in cells})
-    lines = ["# Spec-Bench on the embedded models, through vLLM's public API", "",
+    pair = PAIRS[args.pair]
+    lines = [f"# Spec-Bench on the {args.pair} pair ({pair.target.name}, {pair.mdlm.name}, "
+             f"{pair.ar.name}), through vLLM's public API", "",
              f"Command: `{env['command']}`  ", f"Commit: {env['commit']}  ",
              f"Date: {env['date']}; wall time {minutes:.0f} min  ",
              f"Machine: {env['cpu']}, {env['cores']} cores, torch threads {env['torch_threads']}, "
@@ -492,6 +520,9 @@ def main() -> None:
                          "'specdiff g8 T1' 'ngram g4'; results go to spec_bench_only.*")
     ap.add_argument("--max-engines", type=int, default=6,
                     help="engines alive at once (memory); more methods run in several groups")
+    ap.add_argument("--pair", choices=sorted(PAIRS), default="tiny",
+                    help="models/tiny-* (default) or models/small-*; results of the small pair "
+                         "go to spec_bench_small*")
     args = ap.parse_args()
     if args.repeats < 3:
         ap.error("--repeats must be at least 3 (a median and a range need three)")
@@ -502,7 +533,11 @@ def main() -> None:
     started = time.time()
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(EMBEDDED_TARGET))
+    pair = PAIRS[args.pair]
+    missing = [str(p) for p in (pair.target, pair.mdlm, pair.ar) if not p.is_dir()]
+    if missing:
+        ap.error(f"--pair {args.pair}: missing {missing}")
+    tokenizer = AutoTokenizer.from_pretrained(str(pair.target))
     prompts = load_prompts(tokenizer, args.prompt_tokens)
     methods = grid(args.quick)
     if args.only:
@@ -510,6 +545,7 @@ def main() -> None:
         if unknown:
             ap.error(f"--only: {sorted(unknown)} not in the grid {[m.name for m in methods]}")
         methods = [m for m in methods if m is NONE or m.name in args.only]
+    methods = [on_pair(m, pair) for m in methods]
     log = lambda msg: print(f"[{(time.time() - started) / 60:5.1f} min] {msg}", flush=True)  # noqa: E731
     env = environment("spec_bench.py", sys.argv[1:])
     cells = run_grid(methods, prompts, args.batches, args.temperatures, args.repeats,
@@ -518,12 +554,13 @@ def main() -> None:
     if not args.quick and not args.no_lengths and 0.0 in args.temperatures:
         # The best of each family at batch 1, greedy, against plain decoding.
         best = [best_of(cells, f, min(args.batches), 0.0) for f in FAMILIES]
-        contenders = [NONE] + [next(m for m in methods if m.name == b["method"]) for b in best if b]
+        contenders = [methods[0]] + [next(m for m in methods if m.name == b["method"]) for b in best if b]
         stories = [ids for cat, ids in prompts if cat == "tinystories"][:3]
         longest = MAX_MODEL_LEN - max(len(p) for p in stories) - 1
         log(f"output lengths 64 / 256 / {longest}: {', '.join(m.name for m in contenders)}")
         length_cells = run_lengths(contenders, stories, [64, 256, longest], args.repeats, log)
-    stem = "spec_bench_quick" if args.quick else "spec_bench_only" if args.only else "spec_bench"
+    stem = ("spec_bench" + ("" if args.pair == "tiny" else f"_{args.pair}")
+            + ("_quick" if args.quick else "_only" if args.only else ""))
     RESULTS.mkdir(parents=True, exist_ok=True)
     minutes = (time.time() - started) / 60
     (RESULTS / f"{stem}.md").write_text(report(cells, length_cells, env, args, minutes))
