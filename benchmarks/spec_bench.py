@@ -296,11 +296,12 @@ def groups_of(methods: list[Method], size: int) -> list[list[Method]]:
 
 
 def run_grid(methods, prompts, batches, temperatures, repeats, max_tokens, log,
-             max_engines: int) -> list[dict]:
-    """Every (batch, temperature, method) cell; the plain row is the first group's."""
+             max_engines: int, min_prompts: int = 7) -> list[dict]:
+    """Every (batch, temperature, method) cell, 3b prompts (at least ``min_prompts``)
+    per run; the plain row is the first group's."""
     cells = []
     for batch in batches:
-        cell_prompts = [ids for _, ids in prompts[: max(3 * batch, 7)]]
+        cell_prompts = [ids for _, ids in prompts[: max(3 * batch, min_prompts)]]
         for g, group in enumerate(groups_of(methods, max_engines)):
             log(f"batch {batch}: starting {len(group)} engines (max_num_seqs={batch}), "
                 f"{len(cell_prompts)} prompts per run")

@@ -1,0 +1,120 @@
+"""A target/drafter pair on held-out TinyStories through vLLM: tau, per-position
+acceptance and speed of each method at fixed settings, greedy and temperature 1.
+
+    python benchmarks/pair_bench.py --pair small            # batch 1 and 32
+    python benchmarks/pair_bench.py --pair small --quick    # batch 1, greedy
+
+Where spec_bench.py mixes Spec-Bench categories and lets specdiff's adaptive draft
+length choose, this measures each drafter as trained: specdiff at fixed gamma and T
+(``adaptive: false``), its defaults (adaptive), vLLM's ``draft_model`` with the pair's
+AR drafter at each gamma, and ``ngram``. Prompts: the first ``--prompt-tokens`` tokens
+of held-out TinyStories stories (the v1 valid slice, never trained on). Protocol
+(spec_bench.py's): engines in their own processes, an untimed warm-up round, then
+``--repeats`` interleaved rounds; cells are median [min-max]; speedups are per-round
+ratios to plain decoding. tau = 1 + accepted / drafts from vLLM's counters.
+Results: benchmarks/results/pair_bench_<pair>[_quick].{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from spec_bench import (NONE, PAIRS, RESULTS, draft_model, environment, fmt,  # noqa: E402
+                        ngram, on_pair, run_grid, specdiff, speedup_cell, tau_cell)
+
+from vllm_specdiff.runtime import HELD_OUT_TEXT, prepare_process  # noqa: E402
+
+
+def methods(quick: bool):
+    fixed = dict(adaptive=False)
+    if quick:
+        return [NONE, specdiff(8, 1, **fixed), specdiff(8, 1), draft_model(4), ngram(4)]
+    return [NONE, specdiff(4, 1, **fixed), specdiff(8, 1, **fixed), specdiff(8, 2, **fixed),
+            specdiff(16, 2, **fixed), specdiff(8, 1), draft_model(2), draft_model(4),
+            draft_model(8), ngram(4)]
+
+
+def report(cells, env, args, minutes) -> str:
+    lines = [f"# The {args.pair} pair on held-out TinyStories, through vLLM", "",
+             f"Command: `{env['command']}`  ", f"Commit: {env['commit']}  ",
+             f"Date: {env['date']}; wall time {minutes:.0f} min  ",
+             f"Machine: {env['cpu']}, {env['cores']} cores, torch threads {env['torch_threads']}; "
+             f"vLLM {env['vllm']} (CPU), {env['dtype']}  ",
+             f"Workload: held-out TinyStories openings of {args.prompt_tokens} tokens; cell b = "
+             f"max_num_seqs b, max(8, 3b) prompts submitted at once; {args.max_tokens} new tokens "
+             f"each (ignore_eos); one warm-up round, then {args.repeats} interleaved repeats.", "",
+             "Cells: tokens/s median [min-max]; speedup = median of per-round ratios to plain "
+             "decoding (`~`: the range straddles 1.0); tau = 1 + accepted / drafts (vLLM's "
+             "counters); per-position acceptance from vLLM's counters; drafter share = time "
+             "in the proposer / run time.", ""]
+    for temperature in sorted({c["temperature"] for c in cells}):
+        for batch in sorted({c["batch"] for c in cells}):
+            lines += [f"## {'Greedy' if temperature == 0 else f'Temperature {temperature:g}'}, batch {batch}", "",
+                      "| method | tok/s | speedup | tau | per-position acceptance | drafter share | greedy = plain |",
+                      "|---|---|---|---:|---|---:|---|"]
+            for c in cells:
+                if c["temperature"] != temperature or c["batch"] != batch:
+                    continue
+                same = ("-" if c["same_as_plain"] is None or c["family"] == "none"
+                        else "yes" if c["same_as_plain"] else "NO")
+                lines.append(f"| {c['method']} | {fmt(c['tokens_per_s'])} | {speedup_cell(c)} | "
+                             f"{tau_cell(c)} | {' '.join(f'{a:.2f}' for a in c['per_position']) or '-'} | "
+                             f"{100 * c['drafter_share']:.0f}% | {same} |")
+            lines.append("")
+    lines += ["## Settings of every method", ""]
+    for name, config in dict.fromkeys((c["method"], json.dumps(c["config"], sort_keys=True))
+                                      for c in cells):
+        lines.append(f"- `{name}`: `{config}`")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--pair", choices=sorted(PAIRS), default="small")
+    ap.add_argument("--quick", action="store_true", help="batch 1, greedy, five methods")
+    ap.add_argument("--batches", type=int, nargs="+", default=None)
+    ap.add_argument("--temperatures", type=float, nargs="+", default=None)
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-engines", type=int, default=6)
+    args = ap.parse_args()
+    if args.repeats < 3:
+        ap.error("--repeats must be at least 3 (a median and a range need three)")
+    args.batches = args.batches or ([1] if args.quick else [1, 32])
+    args.temperatures = args.temperatures or ([0.0] if args.quick else [0.0, 1.0])
+    args.prompts = max(8, 3 * max(args.batches))  # a cell b runs the first max(8, 3b)
+    pair = PAIRS[args.pair]
+    missing = [str(p) for p in (pair.target, pair.mdlm, pair.ar) if not p.is_dir()]
+    if missing:
+        ap.error(f"--pair {args.pair}: missing {missing}")
+    prepare_process(quiet=True)
+    from transformers import AutoTokenizer
+
+    from vllm_specdiff.training.data import held_out_prompts
+
+    tok = AutoTokenizer.from_pretrained(str(pair.target))
+    stories = held_out_prompts(tok, HELD_OUT_TEXT, n=args.prompts, prompt_tokens=args.prompt_tokens)
+    env = environment("pair_bench.py", sys.argv[1:])
+    started = time.time()
+    log = lambda msg: print(f"[{(time.time() - started) / 60:5.1f} min] {msg}", flush=True)  # noqa: E731
+    grid = [on_pair(m, pair) for m in methods(args.quick)]
+    cells = run_grid(grid, [("tinystories", s) for s in stories], args.batches, args.temperatures,
+                     args.repeats, args.max_tokens, log, args.max_engines, min_prompts=8)
+    stem = f"pair_bench_{args.pair}" + ("_quick" if args.quick else "")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(
+        {**env, "settings": vars(args), "cells": cells}, indent=1) + "\n")
+    (RESULTS / f"{stem}.md").write_text(report(cells, env, args, (time.time() - started) / 60))
+    log(f"wrote {RESULTS / stem}.md")
+
+
+if __name__ == "__main__":
+    main()
