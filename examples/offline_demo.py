@@ -1,21 +1,24 @@
 """`make demo`: offline batch generation on the embedded pair, with and without specdiff.
 
-Greedy generation of held-out TinyStories prompts by models/tiny-target alone, then
-with specdiff drafting by models/tiny-mdlm (``--speculative-model mdlm`` resolves
-to it). Prints a few generations, the acceptance figures from vLLM's counters, and
-output tokens/s of both runs measured here, in this process.
+Greedy generation of held-out TinyStories prompts by models/small-target alone (40 M
+parameters), then with specdiff drafting by models/small-mdlm (``"model": "mdlm"``
+resolves to it through the target's ``specdiff.json``); ``--tiny`` runs the tiny pair
+(models/tiny-target with models/tiny-mdlm) instead. Prints a few generations, the
+acceptance figures from vLLM's counters, and output tokens/s of both runs measured
+here, in this process.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from vllm_specdiff.runtime import (EMBEDDED_TARGET, HELD_OUT_TEXT, prepare_process,
+from vllm_specdiff.runtime import (EMBEDDED_TARGET, HELD_OUT_TEXT, SMALL_TARGET, prepare_process,
                                    timed_generation)
 
 
-def run(prompts, params, max_num_seqs, speculative_config=None):
-    outputs, tps, stats = timed_generation(prompts, params, max_num_seqs, speculative_config)
+def run(target, prompts, params, max_num_seqs, speculative_config=None):
+    outputs, tps, stats = timed_generation(prompts, params, max_num_seqs, speculative_config,
+                                           target)
     tokens = [list(o.outputs[0].token_ids) for o in outputs]
     return tokens, [o.outputs[0].text for o in outputs], tps, stats
 
@@ -27,7 +30,10 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=1)
     parser.add_argument("--gamma", type=int, default=8)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--tiny", action="store_true",
+                        help="the tiny pair (4.3 M target) instead of the small one")
     args = parser.parse_args()
+    target = EMBEDDED_TARGET if args.tiny else SMALL_TARGET
 
     prepare_process()
     from transformers import AutoTokenizer
@@ -35,17 +41,17 @@ def main() -> None:
 
     from vllm_specdiff.training.data import held_out_prompts
 
-    tok = AutoTokenizer.from_pretrained(str(EMBEDDED_TARGET))
+    tok = AutoTokenizer.from_pretrained(str(target))
     prompts = held_out_prompts(tok, HELD_OUT_TEXT, n=args.prompts, prompt_tokens=24)
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     spec = {"method": "specdiff", "model": "mdlm", "num_speculative_tokens": args.gamma,
             "diffusion_steps": args.steps}
 
-    print(f"\n== target alone: {len(prompts)} prompts x {args.max_tokens} tokens, "
+    print(f"\n== {target.name} alone: {len(prompts)} prompts x {args.max_tokens} tokens, "
           f"max_num_seqs={args.max_num_seqs}")
-    base_tokens, _, base_tps, _ = run(prompts, params, args.max_num_seqs)
+    base_tokens, _, base_tps, _ = run(target, prompts, params, args.max_num_seqs)
     print(f"== specdiff {spec}")
-    spec_tokens, texts, spec_tps, stats = run(prompts, params, args.max_num_seqs, spec)
+    spec_tokens, texts, spec_tps, stats = run(target, prompts, params, args.max_num_seqs, spec)
 
     print("\n-- generations (specdiff) --")
     for prompt, text in list(zip(prompts, texts))[:3]:

@@ -16,6 +16,7 @@ EMBEDDED_MODELS = Path(__file__).resolve().parents[1] / "models"
 EMBEDDED_TARGET = EMBEDDED_MODELS / "tiny-target"
 EMBEDDED_DRAFTER = EMBEDDED_MODELS / "tiny-mdlm"
 EMBEDDED_AR_DRAFTER = EMBEDDED_MODELS / "tiny-ar-drafter"
+SMALL_TARGET = EMBEDDED_MODELS / "small-target"  # its specdiff.json names models/small-mdlm
 HELD_OUT_TEXT = Path(__file__).resolve().parents[1] / "data" / "tinystories" / "tinystories_v1_valid_head.txt"
 
 
@@ -56,16 +57,17 @@ def close_engine(llm) -> None:
     gc.collect()
 
 
-def timed_generation(prompt_token_ids, params, max_num_seqs: int, speculative_config=None):
-    """One engine on the embedded target: warm up, then generate all prompts and
-    time it. Returns (outputs, output tokens/s, SpecDecodeStats of the timed run)."""
+def timed_generation(prompt_token_ids, params, max_num_seqs: int, speculative_config=None,
+                     target: Path = EMBEDDED_TARGET):
+    """One engine on ``target``: warm up, then generate all prompts and time it.
+    Returns (outputs, output tokens/s, SpecDecodeStats of the timed run)."""
     import time
 
     from vllm import LLM, TokensPrompt
 
     from vllm_specdiff.metrics import from_metrics
 
-    llm = LLM(model=str(EMBEDDED_TARGET), speculative_config=speculative_config,
+    llm = LLM(model=str(target), speculative_config=speculative_config,
               max_num_seqs=max_num_seqs, max_model_len=512, **cpu_engine_defaults())
     try:
         inputs = [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_token_ids]
