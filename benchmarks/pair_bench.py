@@ -7,9 +7,8 @@ acceptance and speed of each method at fixed settings, greedy and temperature 1.
 Where spec_bench.py mixes Spec-Bench categories and lets specdiff's adaptive draft
 length choose, this measures each drafter as trained: specdiff at fixed gamma and T
 (``adaptive: false``; with the default 16-token window, with the whole context, and
-with the drafter in bfloat16),
-its defaults (adaptive), vLLM's ``draft_model`` with the pair's
-AR drafter at each gamma, and ``ngram``. Prompts: the first ``--prompt-tokens`` tokens
+with the drafter in bfloat16), specdiff's defaults (adaptive), vLLM's ``draft_model``
+with the pair's AR drafter at each gamma, and ``ngram``. Prompts: the first ``--prompt-tokens`` tokens
 of held-out TinyStories stories (the v1 valid slice, never trained on). Protocol
 (spec_bench.py's): engines in their own processes, an untimed warm-up round, then
 ``--repeats`` interleaved rounds; cells are median [min-max]; speedups are per-round
