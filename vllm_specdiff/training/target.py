@@ -23,6 +23,9 @@ def gpt2_config(vocab_size, n_layer, n_embd, n_head, n_positions, eos_id, dropou
     )
 
 
+MAX_SHARD_SIZE = "40MB"
+
+
 def save_causal_lm(model, tokenizer, out, dtype: str, extra_card: dict | None = None) -> None:
     from transformers import GenerationConfig
 
@@ -32,7 +35,9 @@ def save_causal_lm(model, tokenizer, out, dtype: str, extra_card: dict | None = 
     out.mkdir(parents=True, exist_ok=True)
     to_save = model.to(getattr(torch, dtype)) if dtype != "float32" else model
     to_save.config.dtype = dtype
-    to_save.save_pretrained(out, safe_serialization=True)
+    # Shards keep every file well under the 64 MB a repository file may hold
+    # (transformers and vLLM both read the index it writes beside them).
+    to_save.save_pretrained(out, safe_serialization=True, max_shard_size=MAX_SHARD_SIZE)
     GenerationConfig(bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
                      pad_token_id=tokenizer.eos_token_id).save_pretrained(out)
     save_tokenizer(tokenizer, str(out))
