@@ -94,9 +94,8 @@ def main() -> None:
     args.temperatures = args.temperatures or ([0.0] if args.quick else [0.0, 1.0])
     args.prompts = max(8, 3 * max(args.batches))  # a cell b runs the first max(8, 3b)
     pair = PAIRS[args.pair]
-    missing = [str(p) for p in (pair.target, pair.mdlm, pair.ar) if not p.is_dir()]
-    if missing:
-        ap.error(f"--pair {args.pair}: missing {missing}")
+    if pair.missing():
+        ap.error(f"--pair {args.pair}: missing {pair.missing()}")
     prepare_process(quiet=True)
     from transformers import AutoTokenizer
 

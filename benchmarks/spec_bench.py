@@ -81,6 +81,9 @@ class Pair:
     mdlm: Path
     ar: Path
 
+    def missing(self) -> list[str]:
+        return [str(p) for p in (self.target, self.mdlm, self.ar) if not p.is_dir()]
+
 
 PAIRS = {"tiny": Pair(EMBEDDED_TARGET, EMBEDDED_DRAFTER, EMBEDDED_AR_DRAFTER),
          "small": Pair(ROOT / "models" / "small-target", ROOT / "models" / "small-mdlm",
@@ -535,9 +538,8 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     pair = PAIRS[args.pair]
-    missing = [str(p) for p in (pair.target, pair.mdlm, pair.ar) if not p.is_dir()]
-    if missing:
-        ap.error(f"--pair {args.pair}: missing {missing}")
+    if pair.missing():
+        ap.error(f"--pair {args.pair}: missing {pair.missing()}")
     tokenizer = AutoTokenizer.from_pretrained(str(pair.target))
     prompts = load_prompts(tokenizer, args.prompt_tokens)
     methods = grid(args.quick)

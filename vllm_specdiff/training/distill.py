@@ -305,8 +305,8 @@ def embeddings_of_width(target, width: int) -> torch.Tensor:
 
 def _init_mdlm_from_target(model, target_path) -> None:
     """Warm start: the MDLM's token embedding and output head from the target's
-    (tied) embedding (``embeddings_of_width``), and, for a GPT-2 target of the same width, its blocks from the
-    target's first blocks (attention and MLP weights; LayerNorm biases go into the
+    (tied) embedding (``embeddings_of_width``), and, for a GPT-2 target of the same
+    width, its blocks from the target's first blocks (attention and MLP weights; LayerNorm biases go into the
     adaLN shifts, gates start at 1), made bidirectional with rotary positions."""
     target = load_target(target_path, "cpu")
     bb = model.backbone
