@@ -1,7 +1,8 @@
 """What the drafter's context buys: a 16-token window vs the whole context (drafter
 cache), per Spec-Bench category and on held-out TinyStories, against ``ngram``.
 
-    python benchmarks/context_bench.py
+    python benchmarks/context_bench.py                # the tiny pair
+    python benchmarks/context_bench.py --pair small   # models/small-*
 
 Protocol: spec_bench.py's (engines in their own processes, plain decoding in every
 group, one warm-up round then interleaved repeats, median [min-max], each ratio
@@ -19,7 +20,11 @@ run), greedy, per category. Methods, every setting pinned and printed:
   the tokens before them in view), and with W = 16 and no cache (same drafter: what
   the context alone changes).
 
-Result: benchmarks/results/context_bench.{md,json}.
+``--pair small``: the small pair has a block-causal drafter only, so its rows are the
+last three (whole context, W = 16 cached, W = 16 uncached) with ``models/small-mdlm``
+on ``models/small-target``.
+
+Result: benchmarks/results/context_bench[_small].{md,json}.
 """
 
 from __future__ import annotations
@@ -35,9 +40,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.spec_bench import (NONE, Engines, environment, fmt, groups_of,  # noqa: E402
-                                   load_prompts, ngram, run_rounds, specdiff, summarise)
-from vllm_specdiff.runtime import EMBEDDED_TARGET, prepare_process  # noqa: E402
+from benchmarks.spec_bench import (NONE, PAIRS, Engines, environment, fmt,  # noqa: E402
+                                   groups_of, load_prompts, ngram, on_pair, run_rounds,
+                                   specdiff, summarise)
+from vllm_specdiff.runtime import prepare_process  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 MDLM = ROOT / "models" / "tiny-mdlm"
@@ -45,7 +51,13 @@ BLOCK_CAUSAL = ROOT / "models" / "tiny-mdlm-block-causal"
 WHOLE = None  # context_window null: the whole context
 
 
-def methods(gamma: int) -> list:
+def methods(gamma: int, pair: str) -> list:
+    if pair != "tiny":
+        return [on_pair(m, PAIRS[pair]) for m in [
+            NONE, ngram(4), ngram(8),
+            specdiff(gamma, 1, context_window=WHOLE, drafter_cache="exact"),
+            specdiff(gamma, 1, context_window=16, drafter_cache="exact"),
+            specdiff(gamma, 1, context_window=16, drafter_cache="off")]]
     return [
         NONE, ngram(4), ngram(8),
         specdiff(gamma, 1, model=str(MDLM), context_window=16, drafter_cache="off"),
@@ -68,18 +80,24 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-engines", type=int, default=5)
-    ap.add_argument("--out", default=str(RESULTS / "context_bench"))
+    ap.add_argument("--pair", choices=sorted(PAIRS), default="tiny")
+    ap.add_argument("--out", default=None,
+                    help="result stem (default benchmarks/results/context_bench[_<pair>])")
     args = ap.parse_args(argv)
+    args.out = args.out or str(RESULTS / ("context_bench" + ("" if args.pair == "tiny"
+                                                             else f"_{args.pair}")))
+    if PAIRS[args.pair].missing():
+        ap.error(f"--pair {args.pair}: missing {PAIRS[args.pair].missing()}")
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(EMBEDDED_TARGET))
+    tokenizer = AutoTokenizer.from_pretrained(str(PAIRS[args.pair].target))
     by_cat = collections.defaultdict(list)
     for cat, ids in load_prompts(tokenizer, args.prompt_tokens):
         if len(by_cat[cat]) < args.prompts_per_category:
             by_cat[cat].append(ids)
     started = time.time()
     log = lambda msg: print(f"[{(time.time() - started) / 60:5.1f} min] {msg}", flush=True)  # noqa: E731
-    all_methods = methods(args.gamma)
+    all_methods = methods(args.gamma, args.pair)
     cells = []
     for g, group in enumerate(groups_of(all_methods, args.max_engines)):
         log(f"starting {len(group)} engines: {[m.name for m in group]}")
@@ -109,7 +127,7 @@ def report(cells, env, args, minutes, categories) -> str:
         f"Date: {env['date']}; wall time {minutes:.0f} min  ",
         f"Machine: {env['cpu']}, {env['cores']} cores, torch threads {env['torch_threads']}; "
         f"vLLM {env['vllm']} (CPU)  ",
-        f"Workload: embedded target, batch 1 (max_num_seqs 1), greedy, "
+        f"Workload: {args.pair} pair ({Path(PAIRS[args.pair].target).name}), batch 1 (max_num_seqs 1), greedy, "
         f"{args.prompts_per_category} prompts per category per run (Spec-Bench first turns, "
         f"last {args.prompt_tokens} tokens; held-out TinyStories openings), {args.max_tokens} "
         f"new tokens each; one warm-up round, then {args.repeats} interleaved repeats.", "",

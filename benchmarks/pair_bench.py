@@ -3,6 +3,7 @@ acceptance and speed of each method at fixed settings, greedy and temperature 1.
 
     python benchmarks/pair_bench.py --pair small            # batch 1 and 32
     python benchmarks/pair_bench.py --pair small --quick    # batch 1, greedy
+    python benchmarks/pair_bench.py --pair small --batches 1 --drafters runs/a runs/b
 
 Where spec_bench.py mixes Spec-Bench categories and lets specdiff's adaptive draft
 length choose, this measures each drafter as trained: specdiff at fixed gamma and T
@@ -13,7 +14,9 @@ of held-out TinyStories stories (the v1 valid slice, never trained on). Protocol
 (spec_bench.py's): engines in their own processes, an untimed warm-up round, then
 ``--repeats`` interleaved rounds; cells are median [min-max]; speedups are per-round
 ratios to plain decoding. tau = 1 + accepted / drafts from vLLM's counters.
-Results: benchmarks/results/pair_bench_<pair>[_quick].{md,json}.
+``--drafters`` compares MDLM drafters of the pair's target instead (an ablation):
+specdiff at gamma 4 and 8, T 1, fixed, with each folder's drafter.
+Results: benchmarks/results/pair_bench_<pair>[_quick|_drafters].{md,json}.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +45,17 @@ def methods(quick: bool):
             specdiff(16, 2, **fixed), specdiff(8, 1, context_window=None, **fixed),
             specdiff(8, 1, drafter_dtype="bfloat16", **fixed),
             specdiff(8, 1), draft_model(2), draft_model(4), draft_model(8), ngram(4)]
+
+
+def drafter_methods(folders: list[Path]):
+    """specdiff g4/g8 T1 fixed with each drafter folder, beside plain decoding."""
+    out = [NONE]
+    for folder in folders:
+        for gamma in (4, 8):
+            m = specdiff(gamma, 1, adaptive=False)
+            out.append(replace(m, name=f"{m.name} [{folder.name}]", speculative_config={
+                **m.speculative_config, "model": str(folder.resolve())}))
+    return out
 
 
 def report(cells, env, args, minutes) -> str:
@@ -87,6 +102,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-engines", type=int, default=6)
+    ap.add_argument("--drafters", type=Path, nargs="+", default=None, metavar="FOLDER",
+                    help="compare these MDLM drafters of the pair's target (an ablation)")
     args = ap.parse_args()
     if args.repeats < 3:
         ap.error("--repeats must be at least 3 (a median and a range need three)")
@@ -96,6 +113,9 @@ def main() -> None:
     pair = PAIRS[args.pair]
     if pair.missing():
         ap.error(f"--pair {args.pair}: missing {pair.missing()}")
+    absent = [str(f) for f in args.drafters or [] if not (f / "config.json").is_file()]
+    if absent:
+        ap.error(f"--drafters: no drafter (config.json) in {absent}")
     prepare_process(quiet=True)
     from transformers import AutoTokenizer
 
@@ -106,13 +126,17 @@ def main() -> None:
     env = environment("pair_bench.py", sys.argv[1:])
     started = time.time()
     log = lambda msg: print(f"[{(time.time() - started) / 60:5.1f} min] {msg}", flush=True)  # noqa: E731
-    grid = [on_pair(m, pair) for m in methods(args.quick)]
+    if args.drafters:
+        grid = [replace(m, target=str(pair.target)) for m in drafter_methods(args.drafters)]
+    else:
+        grid = [on_pair(m, pair) for m in methods(args.quick)]
     cells = run_grid(grid, [("tinystories", s) for s in stories], args.batches, args.temperatures,
                      args.repeats, args.max_tokens, log, args.max_engines, min_prompts=8)
-    stem = f"pair_bench_{args.pair}" + ("_quick" if args.quick else "")
+    stem = f"pair_bench_{args.pair}" + ("_drafters" if args.drafters else
+                                        "_quick" if args.quick else "")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(
-        {**env, "settings": vars(args), "cells": cells}, indent=1) + "\n")
+        {**env, "settings": vars(args), "cells": cells}, indent=1, default=str) + "\n")
     (RESULTS / f"{stem}.md").write_text(report(cells, env, args, (time.time() - started) / 60))
     log(f"wrote {RESULTS / stem}.md")
 

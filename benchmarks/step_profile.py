@@ -3,6 +3,7 @@ inside vLLM's real code paths.
 
     python benchmarks/step_profile.py            # batch 1, 8, 32 (about 10 minutes on 2 CPU cores)
     python benchmarks/step_profile.py --quick    # batch 1 and 8, fewer tokens
+    python benchmarks/step_profile.py --pair small --batches 1 32   # models/small-*
 
 Every timer is a ``time.perf_counter`` wrapper around a method vLLM or this plugin
 really runs (the engine is in-process, so the model runner is reachable): the engine
@@ -16,7 +17,9 @@ the second of two identical generations (the first warms up).
 Per cell: ``b`` prompts (held-out TinyStories openings) submitted together to an
 engine with ``max_num_seqs = b``, 128 new tokens each, greedy unless ``--temperature``.
 "Other" is the step's time outside every timed part (Python glue between them).
-Results: benchmarks/results/step_profile[_quick].{md,json}.
+``--pair small``: the small pair's target with ``ngram``, ``specdiff`` at gamma 4 and 8
+(T 1, fixed) and vLLM's ``draft_model`` with the small AR drafter.
+Results: benchmarks/results/step_profile[_<pair>][_quick].{md,json}.
 """
 
 from __future__ import annotations
@@ -33,9 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from vllm_specdiff.runtime import (EMBEDDED_TARGET,  # noqa: E402
-                                   HELD_OUT_TEXT, close_engine, cpu_engine_defaults,
-                                   prepare_process)
+from vllm_specdiff.runtime import (HELD_OUT_TEXT, close_engine,  # noqa: E402
+                                   cpu_engine_defaults, prepare_process)
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -139,12 +141,17 @@ def _pure_decode(out) -> bool:
 FLOOR = "specdiff, draft length 0"
 
 
-def methods(quick: bool) -> dict[str, dict | None]:
+def methods(quick: bool, pair: str) -> dict[str, dict | None]:
     """Settings pinned as spec_bench.py pins them (every default written out)."""
-    from spec_bench import ngram, specdiff
+    from spec_bench import PAIRS, draft_model, ngram, on_pair, specdiff
 
     from vllm_specdiff.config import SpecDiffConfig
 
+    if pair != "tiny":
+        fixed = [specdiff(4, 1, adaptive=False), specdiff(8, 1, adaptive=False), draft_model(8)]
+        return {"none": None, "ngram g4": ngram(4).speculative_config,
+                **{m.name.replace(" adaptive=False", " fixed"): on_pair(m, PAIRS[pair]).speculative_config
+                   for m in fixed}}
     d = SpecDiffConfig()
     default = specdiff(d.num_speculative_tokens, d.diffusion_steps).speculative_config
     out = {"none": None, "ngram g4": ngram(4).speculative_config,
@@ -155,7 +162,8 @@ def methods(quick: bool) -> dict[str, dict | None]:
     return out
 
 
-def profile(name, spec_config, batches, max_tokens, temperature, timers, prompts, log) -> list[dict]:
+def profile(name, spec_config, target, batches, max_tokens, temperature, timers, prompts,
+            log) -> list[dict]:
     from vllm import LLM, SamplingParams, TokensPrompt
 
     from vllm_specdiff.adaptive import AdaptiveDraftLength
@@ -164,7 +172,7 @@ def profile(name, spec_config, batches, max_tokens, temperature, timers, prompts
     choose = AdaptiveDraftLength.next_draft_len
     if name == FLOOR:
         AdaptiveDraftLength.next_draft_len = lambda self, batch: 0
-    llm = LLM(model=str(EMBEDDED_TARGET), speculative_config=spec_config,
+    llm = LLM(model=str(target), speculative_config=spec_config,
               max_num_seqs=max(batches), max_model_len=512, **cpu_engine_defaults())
     try:
         params = SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True)
@@ -208,7 +216,7 @@ def report(cells, env) -> str:
              f"Command: `{env['command']}`  ", f"Commit: {env['commit']}  ", f"Date: {env['date']}  ",
              f"Machine: {env['cpu']}, {env['cores']} cores, torch threads {env['torch_threads']}, "
              f"Intel OpenMP preloaded: {env['omp_preload']}; vLLM {env['vllm']} (CPU), {env['dtype']}  ",
-             f"Workload: b held-out TinyStories openings (32 tokens) submitted together, "
+             f"Workload: target {env.get('target', 'tiny-target')}; b held-out TinyStories openings (32 tokens) submitted together, "
              f"max_num_seqs = {max(env['batches'])}, {env['max_tokens']} new tokens each, "
              f"temperature {env['temperature']}; the second of two identical runs.", "",
              "Rows indented under a part are inside it; `rest of X` is X's time outside its timed parts. `tokens/step` is the tokens the target",
@@ -243,30 +251,34 @@ def main() -> int:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--max-tokens", type=int, default=None)
     ap.add_argument("--only", default=None, help="run only the methods whose name contains this")
+    ap.add_argument("--pair", choices=["tiny", "small"], default="tiny")
+    ap.add_argument("--batches", type=int, nargs="+", default=None)
     ap.add_argument("--label", default=None,
                     help="added to the result file's name, e.g. 'before' when run on an older commit")
     args = ap.parse_args()
     prepare_process(quiet=True)
-    from spec_bench import environment
+    from spec_bench import PAIRS, environment
     from transformers import AutoTokenizer
 
     from vllm_specdiff.training.data import held_out_prompts
 
-    batches = [1, 8] if args.quick else [1, 8, 32]
+    batches = args.batches or ([1, 8] if args.quick else [1, 8, 32])
     max_tokens = args.max_tokens or (64 if args.quick else 128)
-    tok = AutoTokenizer.from_pretrained(str(EMBEDDED_TARGET))
+    target = PAIRS[args.pair].target
+    tok = AutoTokenizer.from_pretrained(str(target))
     prompts = held_out_prompts(tok, HELD_OUT_TEXT, n=max(batches), prompt_tokens=32)
     timers = StepTimers()
     timers.install()
     env = environment("step_profile.py", sys.argv[1:])
-    env.update(batches=batches, max_tokens=max_tokens, temperature=args.temperature)
+    env.update(batches=batches, max_tokens=max_tokens, temperature=args.temperature,
+               target=target.name)
     cells = []
-    for name, spec in methods(args.quick).items():
+    for name, spec in methods(args.quick, args.pair).items():
         if args.only and args.only not in name:
             continue
-        cells += profile(name, spec, batches, max_tokens, args.temperature, timers, prompts,
-                         lambda m: print(m, flush=True))
-    stem = "step_profile" + ("_quick" if args.quick else "") + (
+        cells += profile(name, spec, target, batches, max_tokens, args.temperature, timers,
+                         prompts, lambda m: print(m, flush=True))
+    stem = "step_profile" + ("" if args.pair == "tiny" else f"_{args.pair}") + ("_quick" if args.quick else "") + (
         f"_t{args.temperature:g}" if args.temperature else "") + (f"_{args.label}" if args.label else "")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps({**env, "cells": cells}, indent=1) + "\n")

