@@ -15,8 +15,9 @@ of held-out TinyStories stories (the v1 valid slice, never trained on). Protocol
 ``--repeats`` interleaved rounds; cells are median [min-max]; speedups are per-round
 ratios to plain decoding. tau = 1 + accepted / drafts from vLLM's counters.
 ``--drafters`` compares MDLM drafters of the pair's target instead (an ablation):
-specdiff at gamma 4 and 8, T 1, fixed, with each folder's drafter.
-Results: benchmarks/results/pair_bench_<pair>[_quick|_drafters].{md,json}.
+specdiff at gamma 4 and 8, T 1, fixed, with each folder's drafter (and gamma 8 with
+the whole context).
+Results: benchmarks/results/pair_bench_<pair>[_quick|_drafters][_<label>].{md,json}.
 """
 
 from __future__ import annotations
@@ -48,11 +49,12 @@ def methods(quick: bool):
 
 
 def drafter_methods(folders: list[Path]):
-    """specdiff g4/g8 T1 fixed with each drafter folder, beside plain decoding."""
+    """specdiff g4/g8 T1 fixed with each drafter folder, and g8 with the whole context,
+    beside plain decoding."""
     out = [NONE]
     for folder in folders:
-        for gamma in (4, 8):
-            m = specdiff(gamma, 1, adaptive=False)
+        for m in (specdiff(4, 1, adaptive=False), specdiff(8, 1, adaptive=False),
+                  specdiff(8, 1, adaptive=False, context_window=None)):
             out.append(replace(m, name=f"{m.name} [{folder.name}]", speculative_config={
                 **m.speculative_config, "model": str(folder.resolve())}))
     return out
@@ -104,6 +106,7 @@ def main() -> None:
     ap.add_argument("--max-engines", type=int, default=6)
     ap.add_argument("--drafters", type=Path, nargs="+", default=None, metavar="FOLDER",
                     help="compare these MDLM drafters of the pair's target (an ablation)")
+    ap.add_argument("--label", default=None, help="added to the result file's name")
     args = ap.parse_args()
     if args.repeats < 3:
         ap.error("--repeats must be at least 3 (a median and a range need three)")
@@ -133,7 +136,8 @@ def main() -> None:
     cells = run_grid(grid, [("tinystories", s) for s in stories], args.batches, args.temperatures,
                      args.repeats, args.max_tokens, log, args.max_engines, min_prompts=8)
     stem = f"pair_bench_{args.pair}" + ("_drafters" if args.drafters else
-                                        "_quick" if args.quick else "")
+                                        "_quick" if args.quick else "") + (
+        f"_{args.label}" if args.label else "")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(
         {**env, "settings": vars(args), "cells": cells}, indent=1, default=str) + "\n")

@@ -106,6 +106,53 @@ def test_block_causal_drafter_with_the_streak_objective(tmp_path, corpus, target
     assert "output head (projected to width 16) initialised from the target" in capsys.readouterr().out
 
 
+def test_all_spans_at_once_see_what_drafting_each_span_sees():
+    """The span-tiling batch's forward gives each span the logits the drafter computes
+    when drafting that span after its context: [context, noisy span], block-causal."""
+    from vllm_specdiff.model import MDLM, MDLMConfig
+    from vllm_specdiff.training.mdlm_objective import SpanTilingBatcher
+
+    torch.manual_seed(0)
+    model = MDLM(MDLMConfig(vocab_size=51, model_length=64, hidden_dim=32, cond_dim=16,
+                            n_blocks=2, n_heads=2, time_conditioning=False,
+                            attention="block_causal")).eval()
+    for p in model.parameters():  # adaLN-Zero starts every block as identity: wake them
+        torch.nn.init.normal_(p, std=0.1)
+    seqs = [torch.randint(0, 50, (n,)) for n in (30, 34, 31)]
+    batcher = SpanTilingBatcher(seqs, [5, 9, 3], mask_id=50, window=28, gammas=[4])
+    batch = batcher.sample(3, torch.Generator().manual_seed(1))
+    L = batch.canvas.shape[1] - batch.targets.shape[1]
+    first = int(batch.positions[0, L])
+    assert first >= 9 - (34 - 28)  # every row's spans lie in its continuation
+    with torch.no_grad():
+        tiled = model.backbone(batch.canvas, torch.zeros(3), batch.positions, batch.attn_mask,
+                               batch.targets.shape[1])
+        for r in range(3):
+            for b in range(batch.targets.shape[1] // 4):
+                start = first + 4 * b
+                canvas = torch.cat([batch.canvas[r, :start], batch.canvas[r, L + 4 * b : L + 4 * b + 4]])
+                alone = model(canvas[None], block_len=4)[0, -4:]
+                torch.testing.assert_close(tiled[r, 4 * b : 4 * b + 4], alone, atol=1e-5, rtol=1e-4)
+    # the noisy copy holds the clean tokens where they are not masked
+    clean_spans = batch.canvas[:, first : first + batch.targets.shape[1]]
+    assert torch.equal(batch.targets, clean_spans)
+    noisy = batch.canvas[:, L:]
+    assert torch.equal(noisy[~batch.masked], batch.targets[~batch.masked])
+    assert bool((noisy[batch.masked] == 50).all())
+
+
+def test_drafter_trains_on_all_spans(tmp_path, corpus, target):
+    out = tmp_path / "bc-all-spans"
+    assert main(["drafter", *distill_args(corpus, target, out, "--max-steps", "2",
+                                          "--attention", "block_causal", "--all-spans",
+                                          "--streak", "greedy", "--streak-weight", "1.0"),
+                 *TINY_MDLM]) == 0
+    assert json.loads((out / "config.json").read_text())["trained_on_all_spans"] is True
+    with pytest.raises(SystemExit, match="--all-spans needs --attention block_causal"):
+        main(["drafter", *distill_args(corpus, target, tmp_path / "bidi", "--max-steps", "1",
+                                       "--all-spans"), *TINY_MDLM])
+
+
 def test_expected_streak():
     from vllm_specdiff.training.mdlm_objective import expected_streak
 

@@ -203,6 +203,10 @@ def add_drafter_args(p) -> None:
                    help="share of spans masked left-to-right (rest: MDLM random masking)")
     p.add_argument("--full-window-fraction", type=float, default=0.5,
                    help="share of prefixes of the full W tokens (rest: length 1..W)")
+    p.add_argument("--all-spans", action="store_true",
+                   help="train on every span of each sequence at once, each seeing the whole "
+                        "sequence before it up to W tokens (BD3-LM's vectorised training; "
+                        "block_causal only); --batch-size then counts sequences")
     p.add_argument("--kl-weight", type=float, default=0.0,
                    help="weight of KL(target || drafter) at the masked positions")
     p.add_argument("--streak", choices=STREAKS, default="none",
@@ -232,9 +236,13 @@ def add_ar_args(p) -> None:
 def run_drafter(args) -> dict:
     from vllm_specdiff.loader import save_mdlm
     from vllm_specdiff.model import MDLM, MDLMConfig
-    from vllm_specdiff.training.mdlm_objective import DraftingBatcher, mdlm_drafting_loss
+    from vllm_specdiff.training.mdlm_objective import (DraftingBatcher, SpanTilingBatcher,
+                                                       mdlm_drafting_loss)
     from vllm_specdiff.training.tokenizer import copy_tokenizer, load_tokenizer
 
+    if args.all_spans and args.attention != "block_causal":
+        raise SystemExit("--all-spans needs --attention block_causal (a bidirectional "
+                         "drafter's context depends on the span, so spans cannot share it)")
     common.set_threads(args.threads)
     common.seed_everything(args.seed)
     device = common.pick_device(args.device)
@@ -254,9 +262,13 @@ def run_drafter(args) -> dict:
     n_params = model.num_parameters()
     print(f"[drafter] MDLM {args.n_blocks}x{args.hidden_dim}: {n_params / 1e6:.2f} M parameters")
     gammas = [int(g) for g in args.gammas.split(",")]
-    batcher = DraftingBatcher(data["sequences"], data["gen_start"], cfg.mask_token_id,
-                              args.context_window, gammas, args.ltr_fraction,
-                              args.full_window_fraction)
+    if args.all_spans:
+        batcher = SpanTilingBatcher(data["sequences"], data["gen_start"], cfg.mask_token_id,
+                                    args.context_window, gammas, args.ltr_fraction)
+    else:
+        batcher = DraftingBatcher(data["sequences"], data["gen_start"], cfg.mask_token_id,
+                                  args.context_window, gammas, args.ltr_fraction,
+                                  args.full_window_fraction)
     needs_teacher = args.kl_weight > 0 or (args.streak == "sampled" and args.streak_weight > 0)
     teacher = load_target(args.target, device) if needs_teacher else None
 
@@ -271,7 +283,7 @@ def run_drafter(args) -> dict:
         return summary
     summary["parameters"] = n_params
     extra = {"context_window": args.context_window, "distilled_from": str(args.target),
-             "trained_gammas": gammas}
+             "trained_gammas": gammas, "trained_on_all_spans": args.all_spans}
     save_mdlm(model, args.out, dtype=_dtype(args.save_dtype), extra_config=extra)
     copy_tokenizer(tok, args.out)
     _write_summary(args, summary, data)
@@ -373,6 +385,9 @@ def run_ar(args) -> dict:
     from vllm_specdiff.training.target import gpt2_config, save_causal_lm
     from vllm_specdiff.training.tokenizer import load_tokenizer
 
+    if args.all_spans and args.attention != "block_causal":
+        raise SystemExit("--all-spans needs --attention block_causal (a bidirectional "
+                         "drafter's context depends on the span, so spans cannot share it)")
     common.set_threads(args.threads)
     common.seed_everything(args.seed)
     device = common.pick_device(args.device)

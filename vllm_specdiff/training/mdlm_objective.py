@@ -26,6 +26,13 @@ acceptance probability of speculative sampling, p the target's distribution). Th
 loss subtracts ``streak_weight`` x streak / gamma, so longer expected streaks lower it.
 The likelihood terms stay: the streak alone gives no gradient to later positions once
 an early one is hopeless.
+
+Every span at once (``SpanTilingBatcher``, block-causal drafters only): BD3-LM's
+vectorised training. A row is a whole sequence, clean, followed by a noisy copy of its
+continuation cut into spans of gamma; a clean column attends causally to the clean
+columns, a span column to the clean columns before its span and to its own span. Each
+span thus sees exactly what the drafter sees when drafting it after that context, and
+one forward pass trains every span of the sequence instead of one.
 """
 
 from __future__ import annotations
@@ -49,6 +56,10 @@ class DraftingBatch:
     weights: torch.Tensor  # [B, g] per-position loss weight (0 where not masked)
     gamma: int
     ltr: torch.Tensor  # [B] bool: the span is masked left-to-right (a masked suffix)
+    # SpanTilingBatcher only: bool [1, 1, L, L] (True = may attend) over the canvas
+    # [clean sequence, noisy spans]; targets, masked, weights and ltr then hold every
+    # span of a row, [B, n * gamma] and [B, n].
+    attn_mask: torch.Tensor | None = None
 
 
 class DraftingBatcher:
@@ -116,6 +127,67 @@ class DraftingBatcher:
                              to(masked), to(weights), g, to(ltr))
 
 
+class SpanTilingBatcher:
+    """Every span of a sequence at once (see the module docstring): rows of
+    [clean sequence, noisy spans] with the attention mask that keeps each span to its
+    own context. Spans tile the target's continuation from a random offset; each is
+    masked left-to-right or at random as in ``DraftingBatcher``."""
+
+    def __init__(self, sequences, gen_start, mask_id, window, gammas, ltr_fraction=0.75):
+        self.seqs = [torch.as_tensor(s, dtype=torch.long) for s in sequences]
+        self.gen_start = list(gen_start)
+        self.mask_id = mask_id
+        self.window = window
+        self.gammas = list(gammas)
+        self.ltr_fraction = ltr_fraction
+
+    def sample(self, batch_size: int, gen: torch.Generator, device="cpu") -> DraftingBatch:
+        g = self.gammas[int(torch.randint(len(self.gammas), (1,), generator=gen))]
+        picks = torch.randint(len(self.seqs), (batch_size,), generator=gen).tolist()
+        # one length per batch (the shortest row, at most the window): every row ends
+        # at its sequence's end, so all of the continuation is in it
+        L = min(self.window, *(len(self.seqs[i]) for i in picks))
+        starts = [len(self.seqs[i]) - L for i in picks]
+        first = max(1, *(self.gen_start[i] - a for i, a in zip(picks, starts)))
+        first += int(torch.randint(g, (1,), generator=gen))  # vary where spans fall
+        n = (L - first) // g
+        if n < 1:
+            raise ValueError(f"sequences of {L} tokens leave no span of {g} after "
+                             f"position {first}: generate longer continuations")
+        clean = torch.stack([self.seqs[i][a:] for i, a in zip(picks, starts)])
+        B, span_len = batch_size, n * g
+        targets = clean[:, first : first + span_len]
+
+        ltr = torch.rand(B, n, generator=gen) < self.ltr_fraction
+        k = torch.randint(0, g, (B, n), generator=gen)
+        cols = torch.arange(g)
+        masked_ltr = cols >= k[..., None]
+        t = torch.rand(B, n, generator=gen) * (1 - T_MIN) + T_MIN
+        masked_rand = torch.rand(B, n, g, generator=gen) < t[..., None]
+        force = torch.randint(0, g, (B, n), generator=gen)
+        masked_rand.scatter_(-1, force[..., None], True)
+        masked = torch.where(ltr[..., None], masked_ltr, masked_rand)
+        w_ltr = masked_ltr.float() / masked_ltr.sum(-1, keepdim=True).float()
+        w_rand = masked_rand.float() / (t[..., None] * g)
+        weights = torch.where(ltr[..., None], w_ltr, w_rand).reshape(B, span_len)
+        masked = masked.reshape(B, span_len)
+        noisy = torch.where(masked, self.mask_id, targets)
+
+        canvas = torch.cat([clean, noisy], 1)
+        span_pos = torch.arange(first, first + span_len)
+        positions = torch.cat([torch.arange(L), span_pos]).expand(B, -1)
+        span_start = first + (span_pos - first) // g * g  # each span column's span start
+        ctx = torch.arange(L)
+        mask = torch.zeros(L + span_len, L + span_len, dtype=torch.bool)
+        mask[:L, :L] = ctx[None, :] <= ctx[:, None]
+        mask[L:, :L] = ctx[None, :] < span_start[:, None]
+        mask[L:, L:] = span_start[None, :] == span_start[:, None]
+        to = lambda x: x.to(device)  # noqa: E731
+        return DraftingBatch(to(canvas), to(canvas), to(positions.contiguous()), None,
+                             to(targets), to(masked), to(weights), g, to(ltr),
+                             attn_mask=to(mask[None, None]))
+
+
 def subs_logits(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
     """SUBS: the mask token is never predicted."""
     logits = logits.float().clone()
@@ -150,8 +222,21 @@ def expected_streak(accept: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
 def mdlm_drafting_loss(model, batch: DraftingBatch, teacher=None, kl_weight: float = 0.0,
                        streak: str = "none", streak_weight: float = 0.0):
     mask_id = model.config.mask_token_id
-    logits = model(batch.canvas, positions=batch.positions, key_padding_mask=batch.key_mask,
-                   num_last=batch.gamma, block_len=batch.gamma)
+    if batch.attn_mask is None:
+        logits = model(batch.canvas, positions=batch.positions, key_padding_mask=batch.key_mask,
+                       num_last=batch.gamma, block_len=batch.gamma)
+    else:  # every span at once: one row per span from here on
+        if teacher is not None:
+            raise ValueError("the target as teacher (--kl-weight, --streak sampled) is not "
+                             "supported with every span at once")
+        sigma = torch.zeros(batch.canvas.shape[0], device=batch.canvas.device)
+        logits = model.backbone(batch.canvas, sigma, batch.positions, batch.attn_mask,
+                                batch.targets.shape[1])
+        g = batch.gamma
+        logits = logits.reshape(-1, g, logits.shape[-1])
+        batch = DraftingBatch(batch.canvas, batch.clean, batch.positions, None,
+                              batch.targets.reshape(-1, g), batch.masked.reshape(-1, g),
+                              batch.weights.reshape(-1, g), g, batch.ltr.reshape(-1))
     logits = subs_logits(logits, mask_id)
     logp = torch.log_softmax(logits, -1)
     nll = -logp.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1)
