@@ -7,8 +7,8 @@ acceptance and speed of each method at fixed settings, greedy and temperature 1.
 
 Where spec_bench.py mixes Spec-Bench categories and lets specdiff's adaptive draft
 length choose, this measures each drafter as trained: specdiff at fixed gamma and T
-(``adaptive: false``; with the default 16-token window, with the whole context, and
-with the drafter in bfloat16), specdiff's defaults (adaptive), vLLM's ``draft_model``
+(``adaptive: false``; with the drafter's own context window (``auto``), with a
+16-token window, and with the drafter in bfloat16), specdiff's defaults (adaptive), vLLM's ``draft_model``
 with the pair's AR drafter at each gamma, and ``ngram``. Prompts: the first ``--prompt-tokens`` tokens
 of held-out TinyStories stories (the v1 valid slice, never trained on). Protocol
 (spec_bench.py's): engines in their own processes, an untimed warm-up round, then
@@ -43,7 +43,7 @@ def methods(quick: bool):
     if quick:
         return [NONE, specdiff(8, 1, **fixed), specdiff(8, 1), draft_model(4), ngram(4)]
     return [NONE, specdiff(4, 1, **fixed), specdiff(8, 1, **fixed), specdiff(8, 2, **fixed),
-            specdiff(16, 2, **fixed), specdiff(8, 1, context_window=None, **fixed),
+            specdiff(16, 2, **fixed), specdiff(8, 1, context_window=16, **fixed),
             specdiff(8, 1, drafter_dtype="bfloat16", **fixed),
             specdiff(8, 1), draft_model(2), draft_model(4), draft_model(8), ngram(4)]
 

@@ -343,7 +343,20 @@ def test_placeholder_drafts_end_the_walk_with_a_target_token():
 
 
 def test_null_context_window_means_the_whole_context_not_the_default():
-    assert SpecDiffConfig.from_user({"method": "specdiff"}).context_window == 16
+    assert SpecDiffConfig.from_user({"method": "specdiff"}).context_window == "auto"
     assert SpecDiffConfig.from_user({"method": "specdiff", "context_window": None}).context_window is None
+
+
+def test_auto_context_window_is_the_drafters_own():
+    from vllm_specdiff.model import MDLMConfig
+
+    auto = SpecDiffConfig.from_user({"method": "specdiff"})
+    assert auto.window_for(MDLMConfig()) == 16  # a config.json that names none
+    assert auto.window_for(MDLMConfig(draft_context_window=None)) is None
+    assert auto.window_for(MDLMConfig(draft_context_window=48)) == 48
+    named = SpecDiffConfig.from_user({"method": "specdiff", "context_window": 32})
+    assert named.window_for(MDLMConfig(draft_context_window=None)) == 32
+    with pytest.raises(SpecDiffConfigError, match="context_window='whole' is invalid"):
+        SpecDiffConfig.from_user({"method": "specdiff", "context_window": "whole"})
     # elsewhere null still means the default
     assert SpecDiffConfig.from_user({"method": "specdiff", "schedule": None}).schedule == "left_to_right"

@@ -42,10 +42,13 @@ class SpecDiffConfig(NamedTuple):
     # W: the drafter sees the last W context tokens (longer contexts are cut); null:
     # the whole context, up to the drafter's model_length - gamma. Without the drafter
     # cache each pass costs W + gamma tokens; with it, gamma plus the tokens new since
-    # the request's last step, whatever W. 16 by default: on Spec-Bench the embedded
-    # drafters accept more with 16 tokens than with the whole context
-    # (benchmarks/results/context_bench.md).
-    context_window: int | None = 16
+    # the request's last step, whatever W. auto (the default): the W the drafter's
+    # config.json names (``draft_context_window``; 16 where it names none): drafters
+    # trained on short windows accept more with 16 tokens than with the whole context
+    # (benchmarks/results/context_bench.md), drafters trained on whole prefixes
+    # (``specdiff-train drafter --all-spans``) more with the whole context
+    # (benchmarks/results/pair_bench_small_drafters_all-spans.md).
+    context_window: int | str | None = "auto"
     # Keep each request's context keys and values between steps (drafter_cache.py):
     # exact (block-causal drafters) | approximate (bidirectional drafters, refreshed
     # every cache_refresh_steps steps) | off (re-encode the last W tokens every pass) |
@@ -71,6 +74,12 @@ class SpecDiffConfig(NamedTuple):
     @property
     def gamma(self) -> int:
         return self.num_speculative_tokens
+
+    def window_for(self, drafter_config) -> int | None:
+        """W for this drafter (an ``MDLMConfig``): 'auto' resolved; None = whole context."""
+        if self.context_window == "auto":
+            return drafter_config.draft_context_window
+        return self.context_window
 
     @classmethod
     def from_user(cls, settings: dict) -> "SpecDiffConfig":
@@ -106,9 +115,10 @@ class SpecDiffConfig(NamedTuple):
                  f"T must be an integer in [1, num_speculative_tokens={self.gamma}]")
         if self.schedule not in SCHEDULES:
             fail("schedule", f"must be one of {list(SCHEDULES)}")
-        if self.context_window is not None and (
+        if self.context_window not in (None, "auto") and (
                 not is_int(self.context_window) or self.context_window < 1):
-            fail("context_window", "W must be an integer >= 1, or null for the whole context")
+            fail("context_window", "W must be an integer >= 1, null for the whole context, "
+                 "or 'auto' for the drafter's own")
         if self.drafter_cache not in DRAFTER_CACHES:
             fail("drafter_cache", f"must be one of {list(DRAFTER_CACHES)}")
         if not is_int(self.cache_refresh_steps) or self.cache_refresh_steps < 1:

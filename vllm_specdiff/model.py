@@ -48,6 +48,9 @@ class MDLMConfig:
     # "bidirectional" (MDLM, mdlm-owt) | "block_causal" (causal context, bidirectional
     # draft block): see the module docstring.
     attention: str = "bidirectional"
+    # The context window W this drafter drafts best with (None: the whole context); the
+    # plugin uses it when speculative_config.context_window is 'auto' (the default).
+    draft_context_window: int | None = 16
 
     def __post_init__(self):
         if self.attention not in ATTENTIONS:

@@ -121,7 +121,8 @@ def check_drafter(cfg: SpecDiffConfig, target_model_config) -> None:
             f"does not fit target vocab_size={target_vocab}; an MDLM drafter must have the "
             f"target's vocabulary plus one mask token ({target_vocab + 1})")
     limit = drafter.model_length - cfg.gamma
-    if cfg.context_window is not None and cfg.context_window > limit:
+    # A W the user names must fit; the drafter's own ('auto') is capped to fit.
+    if isinstance(cfg.context_window, int) and cfg.context_window > limit:
         raise SpecDiffConfigError(
             f"speculative_config.context_window={cfg.context_window} is invalid for method "
             f"'specdiff': W + num_speculative_tokens must fit the drafter's model_length "

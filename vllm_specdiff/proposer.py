@@ -122,7 +122,7 @@ class SpecDiffProposer:
         block_causal = model.config.attention == "block_causal"
         mode = self.config.drafter_cache
         use_cache = mode == "approximate" or (mode != "off" and block_causal)
-        window = min(self.config.context_window or model.config.model_length,
+        window = min(self.config.window_for(model.config) or model.config.model_length,
                      model.config.model_length - gamma, self.max_model_len)
         self.drafter = DiffusionDrafter(
             model,

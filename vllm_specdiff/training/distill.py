@@ -253,7 +253,9 @@ def run_drafter(args) -> dict:
     cfg = MDLMConfig(vocab_size=vocab + 1, model_length=args.model_length,
                      hidden_dim=args.hidden_dim, cond_dim=args.cond_dim, n_blocks=args.n_blocks,
                      n_heads=args.n_heads, dropout=args.dropout, time_conditioning=False,
-                     attention=args.attention)
+                     attention=args.attention,
+                     # trained on whole prefixes: drafts best seeing the whole context
+                     draft_context_window=None if args.all_spans else 16)
     common.seed_everything(args.seed)
     model = MDLM(cfg)
     if args.init_from_target:
