@@ -62,7 +62,7 @@ TIMERS = [
     ("ngram proposer", "vllm.v1.spec_decode.ngram_proposer:NgramProposer.propose", "drafting"),
     ("specdiff proposer", "vllm_specdiff.proposer:SpecDiffProposer.draft", "drafting"),
     ("drafter", "vllm_specdiff.drafter:DiffusionDrafter.draft", "specdiff proposer"),
-    ("drafter forward passes", "vllm_specdiff.model:MDLM.forward", "drafter"),
+    ("drafter forward passes", "vllm_specdiff.model:DITBackbone.forward", "drafter"),
     ("q rows", "vllm_specdiff.proposer:draft_q", "specdiff proposer"),
     ("generators", "vllm_specdiff.proposer:SpecDiffProposer._generators", "specdiff proposer"),
     ("draft ids to CPU", f"{R}._copy_draft_token_ids_to_cpu", "sample_tokens"),
