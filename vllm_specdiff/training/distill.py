@@ -387,9 +387,6 @@ def run_ar(args) -> dict:
     from vllm_specdiff.training.target import gpt2_config, save_causal_lm
     from vllm_specdiff.training.tokenizer import load_tokenizer
 
-    if args.all_spans and args.attention != "block_causal":
-        raise SystemExit("--all-spans needs --attention block_causal (a bidirectional "
-                         "drafter's context depends on the span, so spans cannot share it)")
     common.set_threads(args.threads)
     common.seed_everything(args.seed)
     device = common.pick_device(args.device)
