@@ -62,6 +62,24 @@ class DraftingBatch:
     attn_mask: torch.Tensor | None = None
 
 
+def span_masks(lead: tuple[int, ...], g: int, ltr_fraction: float, gen: torch.Generator):
+    """Masks of spans of g with leading shape ``lead``: -> ltr [*lead] (masked
+    left-to-right), masked [*lead, g], weights [*lead, g] (mean CE over a left-to-right
+    span's masked tail; 1 / (t g) under MDLM random masking at rate t)."""
+    ltr = torch.rand(lead, generator=gen) < ltr_fraction
+    k = torch.randint(0, g, lead, generator=gen)
+    masked_ltr = torch.arange(g) >= k[..., None]
+    t = torch.rand(lead, generator=gen) * (1 - T_MIN) + T_MIN
+    masked_rand = torch.rand(*lead, g, generator=gen) < t[..., None]
+    # at least one masked position per random span
+    force = torch.randint(0, g, lead, generator=gen)
+    masked_rand.scatter_(-1, force[..., None], True)
+    masked = torch.where(ltr[..., None], masked_ltr, masked_rand)
+    w_ltr = masked_ltr.float() / masked_ltr.sum(-1, keepdim=True).float()
+    w_rand = masked_rand.float() / (t[..., None] * g)
+    return ltr, masked, torch.where(ltr[..., None], w_ltr, w_rand)
+
+
 class DraftingBatcher:
     """Samples drafting-setting examples from distillation sequences."""
 
@@ -102,20 +120,7 @@ class DraftingBatcher:
             clean[r, pad[r] : width_prefix] = p
             clean[r, width_prefix:] = span
         targets = clean[:, width_prefix:].clone()
-
-        ltr = torch.rand(B, generator=gen) < self.ltr_fraction
-        k = torch.randint(0, g, (B,), generator=gen)
-        cols = torch.arange(g)
-        masked_ltr = cols[None, :] >= k[:, None]
-        t = torch.rand(B, generator=gen) * (1 - T_MIN) + T_MIN
-        masked_rand = torch.rand(B, g, generator=gen) < t[:, None]
-        # at least one masked position per random row
-        force = torch.randint(0, g, (B,), generator=gen)
-        masked_rand[torch.arange(B), force] = True
-        masked = torch.where(ltr[:, None], masked_ltr, masked_rand)
-        w_ltr = masked_ltr.float() / masked_ltr.sum(1, keepdim=True).float()
-        w_rand = masked_rand.float() / (t[:, None] * g)
-        weights = torch.where(ltr[:, None], w_ltr, w_rand)
+        ltr, masked, weights = span_masks((B,), g, self.ltr_fraction, gen)
 
         canvas = clean.clone()
         canvas[:, width_prefix:] = torch.where(masked, self.mask_id, targets)
@@ -158,19 +163,8 @@ class SpanTilingBatcher:
         B, span_len = batch_size, n * g
         targets = clean[:, first : first + span_len]
 
-        ltr = torch.rand(B, n, generator=gen) < self.ltr_fraction
-        k = torch.randint(0, g, (B, n), generator=gen)
-        cols = torch.arange(g)
-        masked_ltr = cols >= k[..., None]
-        t = torch.rand(B, n, generator=gen) * (1 - T_MIN) + T_MIN
-        masked_rand = torch.rand(B, n, g, generator=gen) < t[..., None]
-        force = torch.randint(0, g, (B, n), generator=gen)
-        masked_rand.scatter_(-1, force[..., None], True)
-        masked = torch.where(ltr[..., None], masked_ltr, masked_rand)
-        w_ltr = masked_ltr.float() / masked_ltr.sum(-1, keepdim=True).float()
-        w_rand = masked_rand.float() / (t[..., None] * g)
-        weights = torch.where(ltr[..., None], w_ltr, w_rand).reshape(B, span_len)
-        masked = masked.reshape(B, span_len)
+        ltr, masked, weights = span_masks((B, n), g, self.ltr_fraction, gen)
+        masked, weights = masked.reshape(B, span_len), weights.reshape(B, span_len)
         noisy = torch.where(masked, self.mask_id, targets)
 
         canvas = torch.cat([clean, noisy], 1)
