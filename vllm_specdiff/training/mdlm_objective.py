@@ -132,19 +132,12 @@ class DraftingBatcher:
                              to(masked), to(weights), g, to(ltr))
 
 
-class SpanTilingBatcher:
+class SpanTilingBatcher(DraftingBatcher):
     """Every span of a sequence at once (see the module docstring): rows of
     [clean sequence, noisy spans] with the attention mask that keeps each span to its
     own context. Spans tile the target's continuation from a random offset; each is
-    masked left-to-right or at random as in ``DraftingBatcher``."""
-
-    def __init__(self, sequences, gen_start, mask_id, window, gammas, ltr_fraction=0.75):
-        self.seqs = [torch.as_tensor(s, dtype=torch.long) for s in sequences]
-        self.gen_start = list(gen_start)
-        self.mask_id = mask_id
-        self.window = window
-        self.gammas = list(gammas)
-        self.ltr_fraction = ltr_fraction
+    masked left-to-right or at random as in ``DraftingBatcher``. Every span sees its
+    whole prefix (up to the window), so ``full_window_fraction`` does not apply."""
 
     def sample(self, batch_size: int, gen: torch.Generator, device="cpu") -> DraftingBatch:
         g = self.gammas[int(torch.randint(len(self.gammas), (1,), generator=gen))]
