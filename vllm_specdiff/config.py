@@ -46,8 +46,9 @@ class SpecDiffConfig(NamedTuple):
     # config.json names (``draft_context_window``; 16 where it names none): drafters
     # trained on short windows accept more with 16 tokens than with the whole context
     # (benchmarks/results/context_bench.md), drafters trained on whole prefixes
-    # (``specdiff-train drafter --all-spans``) more with the whole context
-    # (benchmarks/results/pair_bench_small_drafters_all-spans.md).
+    # (``specdiff-train drafter --all-spans``) more with all of their training window
+    # (benchmarks/results/pair_bench_small_drafters_all-spans.md), and fail beyond it
+    # (benchmarks/results/context_bench_small.md).
     context_window: int | str | None = "auto"
     # Keep each request's context keys and values between steps (drafter_cache.py):
     # exact (block-causal drafters) | approximate (bidirectional drafters, refreshed

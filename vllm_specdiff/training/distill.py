@@ -254,8 +254,9 @@ def run_drafter(args) -> dict:
                      hidden_dim=args.hidden_dim, cond_dim=args.cond_dim, n_blocks=args.n_blocks,
                      n_heads=args.n_heads, dropout=args.dropout, time_conditioning=False,
                      attention=args.attention,
-                     # trained on whole prefixes: drafts best seeing the whole context
-                     draft_context_window=None if args.all_spans else 16)
+                     # trained on whole prefixes up to W: drafts best seeing them (not more:
+                     # longer contexts fall outside what it learned)
+                     draft_context_window=args.context_window if args.all_spans else 16)
     common.seed_everything(args.seed)
     model = MDLM(cfg)
     if args.init_from_target:
