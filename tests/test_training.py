@@ -151,6 +151,10 @@ def test_drafter_trains_on_all_spans(tmp_path, corpus, target):
     with pytest.raises(SystemExit, match="--all-spans needs --attention block_causal"):
         main(["drafter", *distill_args(corpus, target, tmp_path / "bidi", "--max-steps", "1",
                                        "--all-spans"), *TINY_MDLM])
+    with pytest.raises(SystemExit, match="--all-spans does not support the target as teacher"):
+        main(["drafter", *distill_args(corpus, target, tmp_path / "kl", "--max-steps", "1",
+                                       "--attention", "block_causal", "--all-spans",
+                                       "--kl-weight", "0.5"), *TINY_MDLM])
 
 
 def test_expected_streak():

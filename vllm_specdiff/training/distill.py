@@ -243,6 +243,10 @@ def run_drafter(args) -> dict:
     if args.all_spans and args.attention != "block_causal":
         raise SystemExit("--all-spans needs --attention block_causal (a bidirectional "
                          "drafter's context depends on the span, so spans cannot share it)")
+    needs_teacher = args.kl_weight > 0 or (args.streak == "sampled" and args.streak_weight > 0)
+    if args.all_spans and needs_teacher:  # refused here, before the data is generated
+        raise SystemExit("--all-spans does not support the target as teacher (--kl-weight, "
+                         "--streak sampled)")
     common.set_threads(args.threads)
     common.seed_everything(args.seed)
     device = common.pick_device(args.device)
@@ -256,7 +260,8 @@ def run_drafter(args) -> dict:
                      attention=args.attention,
                      # trained on whole prefixes up to W: drafts best seeing them (not more:
                      # longer contexts fall outside what it learned)
-                     draft_context_window=args.context_window if args.all_spans else 16)
+                     draft_context_window=(args.context_window if args.all_spans
+                                           else MDLMConfig.draft_context_window))
     common.seed_everything(args.seed)
     model = MDLM(cfg)
     if args.init_from_target:
@@ -272,7 +277,6 @@ def run_drafter(args) -> dict:
         batcher = DraftingBatcher(data["sequences"], data["gen_start"], cfg.mask_token_id,
                                   args.context_window, gammas, args.ltr_fraction,
                                   args.full_window_fraction)
-    needs_teacher = args.kl_weight > 0 or (args.streak == "sampled" and args.streak_weight > 0)
     teacher = load_target(args.target, device) if needs_teacher else None
 
     def loss_fn(step, g):
