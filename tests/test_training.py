@@ -151,10 +151,64 @@ def test_drafter_trains_on_all_spans(tmp_path, corpus, target):
     with pytest.raises(SystemExit, match="--all-spans needs --attention block_causal"):
         main(["drafter", *distill_args(corpus, target, tmp_path / "bidi", "--max-steps", "1",
                                        "--all-spans"), *TINY_MDLM])
-    with pytest.raises(SystemExit, match="--all-spans does not support the target as teacher"):
-        main(["drafter", *distill_args(corpus, target, tmp_path / "kl", "--max-steps", "1",
-                                       "--attention", "block_causal", "--all-spans",
-                                       "--kl-weight", "0.5"), *TINY_MDLM])
+
+
+def test_drafters_distil_from_the_cached_teacher(tmp_path, corpus, target, capsys):
+    """--kl-weight builds the target's top-k distributions once, beside the distillation
+    data; the MDLM (every span at once) and the AR drafter then both train on it."""
+    data = tmp_path / "distill.pt"
+    assert main(["drafter", *distill_args(corpus, target, tmp_path / "kl", "--max-steps", "2",
+                                          "--attention", "block_causal", "--all-spans",
+                                          "--kl-weight", "1.0", "--teacher-top-k", "8",
+                                          "--distill-data", str(data)), *TINY_MDLM]) == 0
+    assert (tmp_path / "distill.teacher_top8.pt").is_file()
+    assert "[teacher] top-8 distributions at" in capsys.readouterr().out
+    assert main(["ar-drafter", *distill_args(corpus, target, tmp_path / "ar", "--max-steps", "2",
+                                             "--kl-weight", "1.0", "--teacher-top-k", "8",
+                                             "--distill-data", str(data)),
+                 "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--n-positions", "64",
+                 "--seq-len", "24"]) == 0
+    assert "[teacher] loaded top-8 distributions" in capsys.readouterr().out
+
+
+def test_teacher_rows_are_the_targets_distributions(target):
+    """Row offsets[i] + t - 1 holds the target's top k after seq[:t], renormalised."""
+    from transformers import AutoModelForCausalLM
+
+    from vllm_specdiff.training.teacher import build_teacher, prediction_offsets
+
+    model = AutoModelForCausalLM.from_pretrained(target).eval()
+    seqs = [torch.randint(0, 300, (n,)).tolist() for n in (9, 4, 13)]
+    teacher = build_teacher(model, seqs, k=5, batch_size=2, progress=False)
+    offsets = prediction_offsets(seqs)
+    assert teacher.ids.shape == (8 + 3 + 12, 5) and int(offsets[-1]) == 23
+    for i, s in enumerate(seqs):
+        for t in range(1, len(s)):
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([s[:t]])).logits[0, -1], -1)
+            top = logp.topk(5)
+            row = int(offsets[i]) + t - 1
+            assert torch.equal(teacher.ids[row].long(), top.indices)
+            torch.testing.assert_close(teacher.logp[row].float(),
+                                       torch.log_softmax(top.values, -1), atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("all_spans", [False, True])
+def test_batches_name_the_teacher_row_of_each_target(all_spans):
+    """An oracle teacher whose top token at each row is the sequence's next token: the
+    batch's pred_index must find every target token there."""
+    from vllm_specdiff.training.mdlm_objective import DraftingBatcher, SpanTilingBatcher
+    from vllm_specdiff.training.teacher import prediction_offsets
+
+    gen = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, 50, (n,), generator=gen) for n in (40, 33, 47, 36)]
+    next_token = torch.cat([s[1:] for s in seqs])
+    assert len(next_token) == int(prediction_offsets(seqs)[-1])
+    cls = SpanTilingBatcher if all_spans else DraftingBatcher
+    batcher = cls(seqs, [3, 8, 5, 1], mask_id=50, window=30, gammas=[4, 6])
+    for _ in range(5):
+        batch = batcher.sample(4, gen)
+        assert torch.equal(next_token[batch.pred_index], batch.targets)
 
 
 def test_expected_streak():

@@ -6,6 +6,8 @@ drafter from any Hugging Face causal-LM target.
    (``--generator vllm``) or plain transformers (``--generator transformers``, no
    engine start-up: the cheap path for tiny targets and tests). The data is cached
    in ``--distill-data`` so the AR baseline trains on exactly the same sequences.
+   With ``--kl-weight``, the target's top-k distribution at every position is
+   computed once and cached beside it (``teacher.py``), shared by both drafters.
 2. ``drafter``: an MDLM trained in the drafting setting (see ``mdlm_objective.py``),
    written in the mdlm-owt layout with ``save_mdlm`` plus the target's tokenizer.
 3. ``ar-drafter``: a GPT-2 of about the MDLM's parameter count, next-token loss on
@@ -120,7 +122,7 @@ def generate_vllm(target: str, prompts, new_tokens, temperatures, seed, max_mode
 
 def build_distill_data(args, tokenizer, device) -> dict:
     """Generate (or load from ``--distill-data``) the prompt + continuation sequences."""
-    cache = Path(args.distill_data) if args.distill_data else Path(args.out) / "distill_data.pt"
+    cache = _distill_cache(args)
     if cache.exists():
         data = torch.load(cache, weights_only=True)
         print(f"[distill] loaded {len(data['sequences'])} sequences from {cache}")
@@ -178,6 +180,12 @@ def _add_distill_args(p) -> None:
     p.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--init-from-target", action=argparse_bool(), default=True,
                    help="initialise token embeddings (and the output head) from the target's")
+    p.add_argument("--kl-weight", type=float, default=0.0,
+                   help="weight of KL(target || drafter) on the trained tokens, the target's "
+                        "distribution precomputed once (top --teacher-top-k)")
+    p.add_argument("--teacher-top-k", type=int, default=32,
+                   help="tokens kept of the target's distribution at each position "
+                        "(cached as <distill-data>.teacher_top<k>.pt)")
 
 
 def argparse_bool():
@@ -207,12 +215,10 @@ def add_drafter_args(p) -> None:
                    help="train on every span of each sequence at once, each seeing the whole "
                         "sequence before it up to W tokens (BD3-LM's vectorised training; "
                         "block_causal only); --batch-size then counts sequences")
-    p.add_argument("--kl-weight", type=float, default=0.0,
-                   help="weight of KL(target || drafter) at the masked positions")
     p.add_argument("--streak", choices=STREAKS, default="none",
                    help="acceptance-aware term: expected accepted streak of the draft "
-                        "block (greedy: q of the target's tokens; sampled: sum min(p, q), "
-                        "needs the target as teacher)")
+                        "block (greedy: q of the target's tokens; sampled: sum min(p, q) "
+                        "over the target's top --teacher-top-k)")
     p.add_argument("--streak-weight", type=float, default=0.0)
     p.set_defaults(batch_size=64)
 
@@ -243,10 +249,6 @@ def run_drafter(args) -> dict:
     if args.all_spans and args.attention != "block_causal":
         raise SystemExit("--all-spans needs --attention block_causal (a bidirectional "
                          "drafter's context depends on the span, so spans cannot share it)")
-    needs_teacher = args.kl_weight > 0 or (args.streak == "sampled" and args.streak_weight > 0)
-    if args.all_spans and needs_teacher:  # refused here, before the data is generated
-        raise SystemExit("--all-spans does not support the target as teacher (--kl-weight, "
-                         "--streak sampled)")
     common.set_threads(args.threads)
     common.seed_everything(args.seed)
     device = common.pick_device(args.device)
@@ -277,7 +279,8 @@ def run_drafter(args) -> dict:
         batcher = DraftingBatcher(data["sequences"], data["gen_start"], cfg.mask_token_id,
                                   args.context_window, gammas, args.ltr_fraction,
                                   args.full_window_fraction)
-    teacher = load_target(args.target, device) if needs_teacher else None
+    needs_teacher = args.kl_weight > 0 or (args.streak == "sampled" and args.streak_weight > 0)
+    teacher = _teacher(args, data, device) if needs_teacher else None
 
     def loss_fn(step, g):
         batch = batcher.sample(args.batch_size, g, device)
@@ -296,6 +299,19 @@ def run_drafter(args) -> dict:
     _write_summary(args, summary, data)
     common.finish_checkpoint(args)
     return summary
+
+
+def _distill_cache(args) -> Path:
+    return Path(args.distill_data) if args.distill_data else Path(args.out) / "distill_data.pt"
+
+
+def _teacher(args, data, device):
+    from vllm_specdiff.training.teacher import load_or_build_teacher
+
+    if args.teacher_top_k < 1:
+        raise SystemExit(f"--teacher-top-k must be at least 1, got {args.teacher_top_k}")
+    return load_or_build_teacher(args.target, data, _distill_cache(args), args.teacher_top_k,
+                                 device, not args.no_progress)
 
 
 def _dtype(name):
@@ -390,6 +406,7 @@ def run_ar(args) -> dict:
     from transformers import GPT2LMHeadModel
 
     from vllm_specdiff.training.target import gpt2_config, save_causal_lm
+    from vllm_specdiff.training.teacher import kl_to_teacher, prediction_offsets
     from vllm_specdiff.training.tokenizer import load_tokenizer
 
     common.set_threads(args.threads)
@@ -430,21 +447,31 @@ def run_ar(args) -> dict:
     print(f"[ar-drafter] GPT-2 {n_layer}x{args.n_embd}: {n_params / 1e6:.2f} M parameters")
     seqs = [torch.tensor(s[: args.seq_len + 1], dtype=torch.long) for s in data["sequences"]]
     eos = tok.eos_token_id
+    teacher = _teacher(args, data, device) if args.kl_weight > 0 else None
+    offsets = prediction_offsets(data["sequences"])
 
     def loss_fn(step, g):
         idx = torch.randint(0, len(seqs), (args.batch_size,), generator=g).tolist()
         L = max(len(seqs[i]) for i in idx)
         x = torch.full((len(idx), L), eos, dtype=torch.long)
         y = torch.full((len(idx), L), -100, dtype=torch.long)
+        rows = torch.zeros(len(idx), L, dtype=torch.long)  # teacher row of each y
         for r, i in enumerate(idx):
             s = seqs[i]
             x[r, : len(s)] = s
             y[r, : len(s) - 1] = s[1:]
-        x, y = x[:, :-1].to(device), y[:, :-1].to(device)
+            rows[r, : len(s) - 1] = offsets[i] + torch.arange(len(s) - 1)
+        x, y, rows = x[:, :-1].to(device), y[:, :-1].to(device), rows[:, :-1]
         logits = model(input_ids=x).logits.float()
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                                  y.reshape(-1), ignore_index=-100)
-        return loss, {}
+        if teacher is None:
+            return loss, {}
+        t_ids, t_probs = teacher.gather(rows, device)
+        real = y != -100
+        kl = kl_to_teacher(torch.log_softmax(logits, -1), t_ids, t_probs)
+        kl = (kl * real).sum() / real.sum().clamp(min=1)
+        return loss + args.kl_weight * kl, {"kl": float(kl.detach())}
 
     summary = common.train_loop(args, model, loss_fn, torch.Generator().manual_seed(args.seed),
                                 "ar-drafter")

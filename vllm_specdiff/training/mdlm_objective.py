@@ -16,7 +16,8 @@ The span is partly masked, by one of two patterns:
 
 SUBS: the mask token's logit is -inf, so it is never predicted. Loss only on masked
 positions. An optional KL term pulls the drafter towards the target's next-token
-distribution at the masked positions (teacher on the same clean canvas).
+distribution at the masked positions (precomputed top-k, see ``teacher.py``; every
+batch names the teacher row of each span token in ``pred_index``).
 
 Acceptance-aware term (SpecDiff-2's streak distillation), optional: on the
 left-to-right rows, the expected accepted streak of the masked tail, sum over j of
@@ -41,6 +42,8 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_specdiff.training.teacher import (TeacherTopK, acceptance_with_teacher,
+                                            kl_to_teacher, prediction_offsets)
 
 T_MIN = 0.02  # keeps 1/t bounded
 
@@ -60,6 +63,8 @@ class DraftingBatch:
     # [clean sequence, noisy spans]; targets, masked, weights and ltr then hold every
     # span of a row, [B, n * gamma] and [B, n].
     attn_mask: torch.Tensor | None = None
+    # the teacher row (``teacher.prediction_offsets``) of each target token, like targets
+    pred_index: torch.Tensor | None = None
 
 
 def span_masks(lead: tuple[int, ...], g: int, ltr_fraction: float, gen: torch.Generator):
@@ -86,6 +91,7 @@ class DraftingBatcher:
     def __init__(self, sequences, gen_start, mask_id, window, gammas, ltr_fraction=0.75,
                  full_window_fraction=0.5):
         self.seqs = [torch.as_tensor(s, dtype=torch.long) for s in sequences]
+        self.offsets = prediction_offsets(self.seqs)
         self.gen_start = list(gen_start)
         self.mask_id = mask_id
         self.window = window
@@ -110,13 +116,14 @@ class DraftingBatcher:
                 w = max_w
             else:
                 w = int(torch.randint(1, max_w + 1, (1,), generator=gen))
-            rows.append((seq[s - w : s], seq[s : s + g]))
-        width_prefix = max(len(p) for p, _ in rows)
+            rows.append((seq[s - w : s], seq[s : s + g], int(self.offsets[i]) + s - 1))
+        width_prefix = max(len(p) for p, _, _ in rows)
         width = width_prefix + g
         B = batch_size
         clean = torch.full((B, width), self.mask_id, dtype=torch.long)
-        pad = torch.tensor([width_prefix - len(p) for p, _ in rows])
-        for r, (p, span) in enumerate(rows):
+        pad = torch.tensor([width_prefix - len(p) for p, _, _ in rows])
+        pred_index = torch.tensor([o for _, _, o in rows])[:, None] + torch.arange(g)
+        for r, (p, span, _) in enumerate(rows):
             clean[r, pad[r] : width_prefix] = p
             clean[r, width_prefix:] = span
         targets = clean[:, width_prefix:].clone()
@@ -129,7 +136,7 @@ class DraftingBatcher:
         key_mask = (all_cols[None, :] >= pad[:, None]) if bool((pad > 0).any()) else None
         to = lambda x: None if x is None else x.to(device)  # noqa: E731
         return DraftingBatch(to(canvas), to(clean), to(positions), to(key_mask), to(targets),
-                             to(masked), to(weights), g, to(ltr))
+                             to(masked), to(weights), g, to(ltr), pred_index=pred_index)
 
 
 class SpanTilingBatcher(DraftingBatcher):
@@ -170,9 +177,12 @@ class SpanTilingBatcher(DraftingBatcher):
         mask[L:, :L] = ctx[None, :] < span_start[:, None]
         mask[L:, L:] = span_start[None, :] == span_start[:, None]
         to = lambda x: x.to(device)  # noqa: E731
+        first_row = torch.tensor([int(self.offsets[i]) + a + first - 1
+                                  for i, a in zip(picks, starts)])
         return DraftingBatch(to(canvas), to(canvas), to(positions.contiguous()), None,
                              to(targets), to(masked), to(weights), g, to(ltr),
-                             attn_mask=to(mask[None, None]))
+                             attn_mask=to(mask[None, None]),
+                             pred_index=first_row[:, None] + torch.arange(span_len))
 
 
 def subs_logits(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
@@ -180,20 +190,6 @@ def subs_logits(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
     logits = logits.float().clone()
     logits[..., mask_id] = float("-inf")
     return logits
-
-
-def teacher_logits(teacher, batch: DraftingBatch) -> torch.Tensor:
-    """The target's next-token logits for every span position, computed on the clean
-    canvas (prefix + span), left padding masked, positions from 0 at the prefix."""
-    g = batch.gamma
-    ids = batch.clean.clone()
-    vocab = teacher.get_input_embeddings().weight.shape[0]
-    ids[ids >= vocab] = 0  # padding slots (never attended to)
-    attn = batch.key_mask.long() if batch.key_mask is not None else torch.ones_like(ids)
-    with torch.no_grad():
-        out = teacher(input_ids=ids, attention_mask=attn, position_ids=batch.positions)
-    # logits at column c predict column c+1: span position j <- column W + j - 1
-    return out.logits[:, -g - 1 : -1].float()
 
 
 STREAKS = ("none", "greedy", "sampled")
@@ -206,16 +202,13 @@ def expected_streak(accept: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
     return (a.cumprod(-1) * masked).sum(-1)
 
 
-def mdlm_drafting_loss(model, batch: DraftingBatch, teacher=None, kl_weight: float = 0.0,
-                       streak: str = "none", streak_weight: float = 0.0):
+def mdlm_drafting_loss(model, batch: DraftingBatch, teacher: TeacherTopK | None = None,
+                       kl_weight: float = 0.0, streak: str = "none", streak_weight: float = 0.0):
     mask_id = model.config.mask_token_id
     if batch.attn_mask is None:
         logits = model(batch.canvas, positions=batch.positions, key_padding_mask=batch.key_mask,
                        num_last=batch.gamma, block_len=batch.gamma)
     else:  # every span at once: one row per span from here on
-        if teacher is not None:
-            raise ValueError("the target as teacher (--kl-weight, --streak sampled) is not "
-                             "supported with every span at once")
         sigma = torch.zeros(batch.canvas.shape[0], device=batch.canvas.device)
         logits = model.backbone(batch.canvas, sigma, batch.positions, batch.attn_mask,
                                 batch.targets.shape[1])
@@ -223,7 +216,8 @@ def mdlm_drafting_loss(model, batch: DraftingBatch, teacher=None, kl_weight: flo
         logits = logits.reshape(-1, g, logits.shape[-1])
         batch = DraftingBatch(batch.canvas, batch.clean, batch.positions, None,
                               batch.targets.reshape(-1, g), batch.masked.reshape(-1, g),
-                              batch.weights.reshape(-1, g), g, batch.ltr.reshape(-1))
+                              batch.weights.reshape(-1, g), g, batch.ltr.reshape(-1),
+                              pred_index=batch.pred_index.reshape(-1, g))
     logits = subs_logits(logits, mask_id)
     logp = torch.log_softmax(logits, -1)
     nll = -logp.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1)
@@ -237,22 +231,19 @@ def mdlm_drafting_loss(model, batch: DraftingBatch, teacher=None, kl_weight: flo
         rows = torch.arange(B, device=first.device)
         acc_first = (logits.argmax(-1)[rows, first] == batch.targets[rows, first]).float().mean()
     info = {"acc": float(acc), "acc_first": float(acc_first)}
-    t_logp = None
+    t_ids = t_probs = None
     if teacher is not None and (kl_weight > 0 or streak == "sampled"):
-        t_logp = torch.log_softmax(teacher_logits(teacher, batch), -1)
-    if t_logp is not None and kl_weight > 0:
-        V = t_logp.shape[-1]
-        q_logp = logp[..., :V]
-        kl = (t_logp.exp() * (t_logp - q_logp.clamp(min=-1e4))).sum(-1)
+        t_ids, t_probs = teacher.gather(batch.pred_index, logp.device)
+    if t_ids is not None and kl_weight > 0:
+        kl = kl_to_teacher(logp, t_ids, t_probs)
         kl = (kl * batch.masked).sum() / batch.masked.sum().clamp(min=1)
         loss = loss + kl_weight * kl
         info["kl"] = float(kl.detach())
     if streak != "none" and streak_weight > 0:
         if streak == "sampled":
-            if t_logp is None:
+            if t_ids is None:
                 raise ValueError("streak='sampled' needs the target as teacher")
-            V = t_logp.shape[-1]
-            accept = torch.minimum(t_logp.exp(), logp[..., :V].exp()).sum(-1)
+            accept = acceptance_with_teacher(logp, t_ids, t_probs)
         else:
             accept = (-nll).exp()
         s = expected_streak(accept, batch.masked)[batch.ltr]
