@@ -9,7 +9,8 @@ Where spec_bench.py mixes Spec-Bench categories and lets specdiff's adaptive dra
 length choose, this measures each drafter as trained: specdiff at fixed gamma and T
 (``adaptive: false``; with the drafter's own context window (``auto``), with a
 16-token window, and with the drafter in bfloat16), specdiff's defaults (adaptive), vLLM's ``draft_model``
-with the pair's AR drafter at each gamma, and ``ngram``. Prompts: the first ``--prompt-tokens`` tokens
+with the pair's AR drafter at each gamma (argmax drafts, and at gamma 4 and 8 drafts
+sampled from its q with q verified), and ``ngram``. Prompts: the first ``--prompt-tokens`` tokens
 of held-out TinyStories stories (the v1 valid slice, never trained on). Protocol
 (spec_bench.py's): engines in their own processes, an untimed warm-up round, then
 ``--repeats`` interleaved rounds; cells are median [min-max]; speedups are per-round
@@ -45,7 +46,8 @@ def methods(quick: bool):
     return [NONE, specdiff(4, 1, **fixed), specdiff(8, 1, **fixed), specdiff(8, 2, **fixed),
             specdiff(16, 2, **fixed), specdiff(8, 1, context_window=16, **fixed),
             specdiff(8, 1, drafter_dtype="bfloat16", **fixed),
-            specdiff(8, 1), draft_model(2), draft_model(4), draft_model(8), ngram(4)]
+            specdiff(8, 1), draft_model(2), draft_model(4), draft_model(8),
+            draft_model(4, probabilistic=True), draft_model(8, probabilistic=True), ngram(4)]
 
 
 def drafter_methods(folders: list[Path]):

