@@ -3,7 +3,8 @@ acceptance and speed of each method at fixed settings, greedy and temperature 1.
 
     python benchmarks/pair_bench.py --pair small            # batch 1 and 32
     python benchmarks/pair_bench.py --pair small --quick    # batch 1, greedy
-    python benchmarks/pair_bench.py --pair small --batches 1 --drafters runs/a runs/b
+    python benchmarks/pair_bench.py --pair small --batches 1 --drafters runs/a runs/b \
+        --ar-drafters runs/c runs/d
 
 Where spec_bench.py mixes Spec-Bench categories and lets specdiff's adaptive draft
 length choose, this measures each drafter as trained: specdiff at fixed gamma and T
@@ -17,7 +18,8 @@ of held-out TinyStories stories (the v1 valid slice, never trained on). Protocol
 ratios to plain decoding. tau = 1 + accepted / drafts from vLLM's counters.
 ``--drafters`` compares MDLM drafters of the pair's target instead (an ablation):
 specdiff at gamma 4 and 8, T 1, fixed, with each folder's drafter (and gamma 8 with
-the whole context).
+the whole context); ``--ar-drafters`` the same for AR drafters (``draft_model`` g4, g8,
+and g4 probabilistic).
 Results: benchmarks/results/pair_bench_<pair>[_quick|_drafters][_<label>].{md,json}.
 """
 
@@ -50,15 +52,22 @@ def methods(quick: bool):
             draft_model(4, probabilistic=True), draft_model(8, probabilistic=True), ngram(4)]
 
 
-def drafter_methods(folders: list[Path]):
-    """specdiff g4/g8 T1 fixed with each drafter folder, and g8 with the whole context,
-    beside plain decoding."""
+def drafter_methods(folders: list[Path], ar_folders: list[Path]):
+    """Beside plain decoding: specdiff g4/g8 T1 fixed with each MDLM drafter folder, and
+    g8 with the whole context; draft_model g4/g8 with each AR drafter folder (argmax
+    drafts) and g4 with drafts sampled from its q."""
+    def with_drafter(m, folder):
+        return replace(m, name=f"{m.name} [{folder.name}]", speculative_config={
+            **m.speculative_config, "model": str(folder.resolve())})
+
     out = [NONE]
     for folder in folders:
-        for m in (specdiff(4, 1, adaptive=False), specdiff(8, 1, adaptive=False),
-                  specdiff(8, 1, adaptive=False, context_window=None)):
-            out.append(replace(m, name=f"{m.name} [{folder.name}]", speculative_config={
-                **m.speculative_config, "model": str(folder.resolve())}))
+        out += [with_drafter(m, folder) for m in (
+            specdiff(4, 1, adaptive=False), specdiff(8, 1, adaptive=False),
+            specdiff(8, 1, adaptive=False, context_window=None))]
+    for folder in ar_folders:
+        out += [with_drafter(m, folder) for m in (
+            draft_model(4), draft_model(8), draft_model(4, probabilistic=True))]
     return out
 
 
@@ -106,8 +115,10 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-engines", type=int, default=6)
-    ap.add_argument("--drafters", type=Path, nargs="+", default=None, metavar="FOLDER",
+    ap.add_argument("--drafters", type=Path, nargs="+", default=[], metavar="FOLDER",
                     help="compare these MDLM drafters of the pair's target (an ablation)")
+    ap.add_argument("--ar-drafters", type=Path, nargs="+", default=[], metavar="FOLDER",
+                    help="and these AR drafters (vLLM's draft_model)")
     ap.add_argument("--label", default=None, help="added to the result file's name")
     args = ap.parse_args()
     if args.repeats < 3:
@@ -118,9 +129,11 @@ def main() -> None:
     pair = PAIRS[args.pair]
     if pair.missing():
         ap.error(f"--pair {args.pair}: missing {pair.missing()}")
-    absent = [str(f) for f in args.drafters or [] if not (f / "config.json").is_file()]
+    absent = [str(f) for f in args.drafters + args.ar_drafters
+              if not (f / "config.json").is_file()]
     if absent:
-        ap.error(f"--drafters: no drafter (config.json) in {absent}")
+        ap.error(f"--drafters / --ar-drafters: no drafter (config.json) in {absent}")
+    ablation = bool(args.drafters or args.ar_drafters)
     prepare_process(quiet=True)
     from transformers import AutoTokenizer
 
@@ -131,13 +144,14 @@ def main() -> None:
     env = environment("pair_bench.py", sys.argv[1:])
     started = time.time()
     log = lambda msg: print(f"[{(time.time() - started) / 60:5.1f} min] {msg}", flush=True)  # noqa: E731
-    if args.drafters:
-        grid = [replace(m, target=str(pair.target)) for m in drafter_methods(args.drafters)]
+    if ablation:
+        grid = [replace(m, target=str(pair.target))
+                for m in drafter_methods(args.drafters, args.ar_drafters)]
     else:
         grid = [on_pair(m, pair) for m in methods(args.quick)]
     cells = run_grid(grid, [("tinystories", s) for s in stories], args.batches, args.temperatures,
                      args.repeats, args.max_tokens, log, args.max_engines, min_prompts=8)
-    stem = f"pair_bench_{args.pair}" + ("_drafters" if args.drafters else
+    stem = f"pair_bench_{args.pair}" + ("_drafters" if ablation else
                                         "_quick" if args.quick else "") + (
         f"_{args.label}" if args.label else "")
     RESULTS.mkdir(parents=True, exist_ok=True)
