@@ -21,8 +21,9 @@ run), greedy, per category. Methods, every setting pinned and printed:
   the context alone changes).
 
 ``--pair small``: the small pair has a block-causal drafter only, so its rows are the
-last three (whole context, W = 16 cached, W = 16 uncached) with ``models/small-mdlm``
-on ``models/small-target``.
+last three (whole context, W = 16 cached, W = 16 uncached) and the default
+``context_window: auto`` (the drafter's own window, 256 tokens for
+``models/small-mdlm``), with ``models/small-mdlm`` on ``models/small-target``.
 
 Result: benchmarks/results/context_bench[_small].{md,json}.
 """
@@ -55,6 +56,7 @@ def methods(gamma: int, pair: str) -> list:
     if pair != "tiny":
         return [on_pair(m, PAIRS[pair]) for m in [
             NONE, ngram(4), ngram(8),
+            specdiff(gamma, 1, context_window="auto", drafter_cache="exact"),
             specdiff(gamma, 1, context_window=WHOLE, drafter_cache="exact"),
             specdiff(gamma, 1, context_window=16, drafter_cache="exact"),
             specdiff(gamma, 1, context_window=16, drafter_cache="off")]]
