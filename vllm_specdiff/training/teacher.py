@@ -11,8 +11,10 @@ target nearly chose). KL(p || q) to the target's distribution gives both.
 Running the target beside the drafter at every training step would cost several
 drafter steps per step (the target is ~10x the drafter); instead one forward pass per
 sequence, before training, keeps the k most likely tokens at each position and their
-log-probabilities (the tail beyond k is dropped and the top k renormalised; k = 32 of
-a 4096-token vocabulary holds nearly all the mass of a TinyStories target). The
+log-probabilities (the tail beyond k is dropped and the top k renormalised, which
+sharpens p where its tail is long: on `models/small-target`'s own continuations the
+top 32 of 4096 tokens held 83% of the mass on average, under 56% at a tenth of the
+positions; a larger k trades memory for a truer p). The
 teacher conditions on the whole sequence from its first token, as the target does
 when it verifies, even where the drafter's training row shows it fewer tokens.
 
