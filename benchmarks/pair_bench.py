@@ -16,11 +16,13 @@ of held-out TinyStories stories (the v1 valid slice, never trained on). Protocol
 (spec_bench.py's): engines in their own processes, an untimed warm-up round, then
 ``--repeats`` interleaved rounds; cells are median [min-max]; speedups are per-round
 ratios to plain decoding. tau = 1 + accepted / drafts from vLLM's counters.
-``--drafters`` compares MDLM drafters of the pair's target instead (an ablation):
+``--draft-temperatures`` compares fixed draft temperatures (sampled requests draft
+from softmax(logits / that value) and are verified against that q, so any value is
+exact) with the pair's drafter at g4 and g8. ``--drafters`` compares MDLM drafters of the pair's target instead (an ablation):
 specdiff at gamma 4 and 8, T 1, fixed, with each folder's drafter (and gamma 8 with
 the whole context); ``--ar-drafters`` the same for AR drafters (``draft_model`` g4, g8,
 and g4 probabilistic).
-Results: benchmarks/results/pair_bench_<pair>[_quick|_drafters][_<label>].{md,json}.
+Results: benchmarks/results/pair_bench_<pair>[_quick|_drafters|_draft_temperatures][_<label>].{md,json}.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from spec_bench import (NONE, PAIRS, RESULTS, draft_model, environment, fmt,  # noqa: E402
-                        ngram, on_pair, run_grid, specdiff, speedup_cell, tau_cell)
+from spec_bench import (NONE, PAIRS, RESULTS, draft_len_cell, draft_model,  # noqa: E402
+                        environment, fmt, ngram, on_pair, run_grid, specdiff, speedup_cell,
+                        tau_cell)
 
 from vllm_specdiff.runtime import HELD_OUT_TEXT, prepare_process  # noqa: E402
 
@@ -71,6 +74,13 @@ def drafter_methods(folders: list[Path], ar_folders: list[Path]):
     return out
 
 
+def draft_temperature_methods(values: list[float]):
+    """Beside plain decoding: specdiff g4 and g8 T1 fixed with the pair's drafter, at
+    each request's own temperature (null) and at each fixed draft temperature."""
+    return [NONE] + [specdiff(g, 1, adaptive=False, draft_temperature=t)
+                     for t in [None, *values] for g in (4, 8)]
+
+
 def report(cells, env, args, minutes) -> str:
     lines = [f"# The {args.pair} pair on held-out TinyStories, through vLLM", "",
              f"Command: `{env['command']}`  ", f"Commit: {env['commit']}  ",
@@ -83,12 +93,14 @@ def report(cells, env, args, minutes) -> str:
              "Cells: tokens/s median [min-max]; speedup = median of per-round ratios to plain "
              "decoding (`~`: the range straddles 1.0); tau = 1 + accepted / drafts (vLLM's "
              "counters); per-position acceptance from vLLM's counters; drafter share = time "
-             "in the proposer / run time.", ""]
+             "in the proposer / run time; draft lengths = the share of proposer calls at each "
+             "draft length specdiff chose (adaptive rows vary).", ""]
     for temperature in sorted({c["temperature"] for c in cells}):
         for batch in sorted({c["batch"] for c in cells}):
             lines += [f"## {'Greedy' if temperature == 0 else f'Temperature {temperature:g}'}, batch {batch}", "",
-                      "| method | tok/s | speedup | tau | per-position acceptance | drafter share | greedy = plain |",
-                      "|---|---|---|---:|---|---:|---|"]
+                      "| method | tok/s | speedup | tau | per-position acceptance | drafter share | "
+                      "draft lengths | greedy = plain |",
+                      "|---|---|---|---:|---|---:|---|---|"]
             for c in cells:
                 if c["temperature"] != temperature or c["batch"] != batch:
                     continue
@@ -96,7 +108,7 @@ def report(cells, env, args, minutes) -> str:
                         else "yes" if c["same_as_plain"] else "NO")
                 lines.append(f"| {c['method']} | {fmt(c['tokens_per_s'])} | {speedup_cell(c)} | "
                              f"{tau_cell(c)} | {' '.join(f'{a:.2f}' for a in c['per_position']) or '-'} | "
-                             f"{100 * c['drafter_share']:.0f}% | {same} |")
+                             f"{100 * c['drafter_share']:.0f}% | {draft_len_cell(c)} | {same} |")
             lines.append("")
     lines += ["## Settings of every method", ""]
     for name, config in dict.fromkeys((c["method"], json.dumps(c["config"], sort_keys=True))
@@ -119,6 +131,9 @@ def main() -> None:
                     help="compare these MDLM drafters of the pair's target (an ablation)")
     ap.add_argument("--ar-drafters", type=Path, nargs="+", default=[], metavar="FOLDER",
                     help="and these AR drafters (vLLM's draft_model)")
+    ap.add_argument("--draft-temperatures", type=float, nargs="+", default=[], metavar="T",
+                    help="compare these fixed draft temperatures (specdiff's "
+                         "draft_temperature) with the pair's drafter instead")
     ap.add_argument("--label", default=None, help="added to the result file's name")
     args = ap.parse_args()
     if args.repeats < 3:
@@ -133,6 +148,10 @@ def main() -> None:
               if not (f / "config.json").is_file()]
     if absent:
         ap.error(f"--drafters / --ar-drafters: no drafter (config.json) in {absent}")
+    if args.draft_temperatures and (args.drafters or args.ar_drafters):
+        ap.error("--draft-temperatures: not with --drafters / --ar-drafters (one ablation a run)")
+    if any(not 0 <= t <= 10 for t in args.draft_temperatures):
+        ap.error("--draft-temperatures: each in [0, 10] (specdiff's draft_temperature range)")
     ablation = bool(args.drafters or args.ar_drafters)
     prepare_process(quiet=True)
     from transformers import AutoTokenizer
@@ -147,11 +166,14 @@ def main() -> None:
     if ablation:
         grid = [replace(m, target=str(pair.target))
                 for m in drafter_methods(args.drafters, args.ar_drafters)]
+    elif args.draft_temperatures:
+        grid = [on_pair(m, pair) for m in draft_temperature_methods(args.draft_temperatures)]
     else:
         grid = [on_pair(m, pair) for m in methods(args.quick)]
     cells = run_grid(grid, [("tinystories", s) for s in stories], args.batches, args.temperatures,
                      args.repeats, args.max_tokens, log, args.max_engines, min_prompts=8)
     stem = f"pair_bench_{args.pair}" + ("_drafters" if ablation else
+                                        "_draft_temperatures" if args.draft_temperatures else
                                         "_quick" if args.quick else "") + (
         f"_{args.label}" if args.label else "")
     RESULTS.mkdir(parents=True, exist_ok=True)

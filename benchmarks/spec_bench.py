@@ -187,6 +187,17 @@ def engine_process(conn, method: Method, max_num_seqs: int) -> None:
                 drafter_seconds[0] += time.perf_counter() - start
 
         setattr(drafter, name, timed)
+    chosen: collections.Counter = collections.Counter()  # specdiff: draft length per step
+    controller = getattr(drafter, "adaptive", None)
+    if controller is not None:
+        choose = controller.next_draft_len
+
+        def counted(batch):
+            n = choose(batch)
+            chosen[n] += 1
+            return n
+
+        controller.next_draft_len = counted
     llm.generate([TokensPrompt(prompt_token_ids=list(range(1, 17)))] * 2,
                  SamplingParams(max_tokens=16, ignore_eos=True), use_tqdm=False)  # warm-up
     conn.send("ready")
@@ -198,6 +209,7 @@ def engine_process(conn, method: Method, max_num_seqs: int) -> None:
         params = SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True)
         inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
         before, steps[:], drafter_before = from_metrics(llm.get_metrics()), [], drafter_seconds[0]
+        chosen.clear()
         start = time.perf_counter()
         if arrive_after is None:
             outputs = llm.generate(inputs, params, use_tqdm=False)
@@ -209,6 +221,7 @@ def engine_process(conn, method: Method, max_num_seqs: int) -> None:
                    "outputs": [list(o.outputs[0].token_ids) for o in outputs],
                    "mean_running": statistics.mean(steps) if steps else 0.0,
                    "drafter_seconds": drafter_seconds[0] - drafter_before,
+                   "draft_lens": dict(chosen),
                    "drafts": stats.drafts, "accepted": stats.accepted_tokens,
                    "per_position": stats.accepted_per_position})
     llm.llm_engine.engine_core.shutdown()
@@ -347,9 +360,27 @@ def summarise(methods, runs, batch, temperature) -> list[dict]:
             "tau": 1 + sum(r["accepted"] for r in rs) / drafts if drafts else None,
             "per_position": per_pos,
             "drafter_share": sum(r["drafter_seconds"] for r in rs) / sum(r["seconds"] for r in rs),
+            "draft_lens": draft_len_shares(rs),
             "same_as_plain": (all(r["outputs"] == b["outputs"] for r, b in zip(rs, base))
                               if temperature == 0 else None)})
     return cells
+
+
+def draft_len_shares(runs: list[dict]) -> dict[int, float]:
+    """The share of steps at each draft length that specdiff chose over the runs (empty
+    for other methods); the proposer's step count includes prompt steps."""
+    total = collections.Counter()
+    for r in runs:
+        total.update({int(n): k for n, k in r.get("draft_lens", {}).items()})
+    steps = sum(total.values())
+    return {n: total[n] / steps for n in sorted(total)} if steps else {}
+
+
+def draft_len_cell(cell) -> str:
+    """Chosen draft lengths as 'length: share' (most frequent first), '-' if none."""
+    shares = cell.get("draft_lens") or {}
+    return " ".join(f"{n}:{100 * s:.0f}%" for n, s in
+                    sorted(shares.items(), key=lambda kv: -kv[1])) or "-"
 
 
 def run_lengths(methods, prompts, lengths, repeats, log) -> list[dict]:
