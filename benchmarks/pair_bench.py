@@ -5,6 +5,8 @@ acceptance and speed of each method at fixed settings, greedy and temperature 1.
     python benchmarks/pair_bench.py --pair small --quick    # batch 1, greedy
     python benchmarks/pair_bench.py --pair small --batches 1 --drafters runs/a runs/b \
         --ar-drafters runs/c runs/d
+    python benchmarks/pair_bench.py --pair small --batches 1 --temperatures 1 \
+        --gamma-steps 4:1 4:4 --draft-temperatures 0.7
 
 Where spec_bench.py mixes Spec-Bench categories and lets specdiff's adaptive draft
 length choose, this measures each drafter as trained: specdiff at fixed gamma and T
@@ -16,13 +18,15 @@ of held-out TinyStories stories (the v1 valid slice, never trained on). Protocol
 (spec_bench.py's): engines in their own processes, an untimed warm-up round, then
 ``--repeats`` interleaved rounds; cells are median [min-max]; speedups are per-round
 ratios to plain decoding. tau = 1 + accepted / drafts from vLLM's counters.
-``--draft-temperatures`` compares fixed draft temperatures (sampled requests draft
-from softmax(logits / that value) and are verified against that q, so any value is
-exact) with the pair's drafter at g4 and g8. ``--drafters`` compares MDLM drafters of the pair's target instead (an ablation):
-specdiff at gamma 4 and 8, T 1, fixed, with each folder's drafter (and gamma 8 with
-the whole context); ``--ar-drafters`` the same for AR drafters (``draft_model`` g4, g8,
+``--gamma-steps`` and ``--draft-temperatures`` sweep specdiff's settings with the
+pair's drafter instead: fixed gamma:T pairs (T = gamma drafts one token per pass, each
+conditioned on the ones before), at each request's temperature and at fixed draft
+temperatures (sampled requests then draft from softmax(logits / that value) and are
+verified against that q, so any value is exact). ``--drafters`` compares MDLM
+drafters of the pair's target instead (an ablation): specdiff at gamma 4 and 8, T 1,
+fixed, with each folder's drafter (and gamma 8 with the whole context); ``--ar-drafters`` the same for AR drafters (``draft_model`` g4, g8,
 and g4 probabilistic).
-Results: benchmarks/results/pair_bench_<pair>[_quick|_drafters|_draft_temperatures][_<label>].{md,json}.
+Results: benchmarks/results/pair_bench_<pair>[_quick|_drafters|_gamma_steps|_draft_temperatures][_<label>].{md,json}.
 """
 
 from __future__ import annotations
@@ -74,11 +78,22 @@ def drafter_methods(folders: list[Path], ar_folders: list[Path]):
     return out
 
 
-def draft_temperature_methods(values: list[float]):
-    """Beside plain decoding: specdiff g4 and g8 T1 fixed with the pair's drafter, at
-    each request's own temperature (null) and at each fixed draft temperature."""
-    return [NONE] + [specdiff(g, 1, adaptive=False, draft_temperature=t)
-                     for t in [None, *values] for g in (4, 8)]
+def sweep_methods(gamma_steps: list[tuple[int, int]], draft_temperatures: list[float | None]):
+    """Beside plain decoding: specdiff fixed at each (gamma, T) with the pair's drafter,
+    at each draft temperature (None: each request's own)."""
+    return [NONE] + [specdiff(g, t, adaptive=False, draft_temperature=dt)
+                     for dt in draft_temperatures for g, t in gamma_steps]
+
+
+def gamma_steps_arg(text: str) -> tuple[int, int]:
+    """'G:T' -> (gamma, T), 1 <= T <= gamma (specdiff's ranges)."""
+    try:
+        gamma, steps = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected GAMMA:T, e.g. 4:4") from None
+    if not 1 <= steps <= gamma <= 64:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 1 <= T <= gamma <= 64")
+    return gamma, steps
 
 
 def report(cells, env, args, minutes) -> str:
@@ -131,9 +146,12 @@ def main() -> None:
                     help="compare these MDLM drafters of the pair's target (an ablation)")
     ap.add_argument("--ar-drafters", type=Path, nargs="+", default=[], metavar="FOLDER",
                     help="and these AR drafters (vLLM's draft_model)")
-    ap.add_argument("--draft-temperatures", type=float, nargs="+", default=[], metavar="T",
-                    help="compare these fixed draft temperatures (specdiff's "
-                         "draft_temperature) with the pair's drafter instead")
+    ap.add_argument("--gamma-steps", type=gamma_steps_arg, nargs="+", default=None,
+                    metavar="G:T", help="a sweep instead: specdiff fixed at these gamma:T "
+                    "with the pair's drafter (default with --draft-temperatures: 4:1 8:1)")
+    ap.add_argument("--draft-temperatures", type=float, nargs="+", default=None, metavar="T",
+                    help="a sweep instead: at each request's own temperature and at these "
+                         "fixed draft temperatures (specdiff's draft_temperature)")
     ap.add_argument("--label", default=None, help="added to the result file's name")
     args = ap.parse_args()
     if args.repeats < 3:
@@ -148,11 +166,15 @@ def main() -> None:
               if not (f / "config.json").is_file()]
     if absent:
         ap.error(f"--drafters / --ar-drafters: no drafter (config.json) in {absent}")
-    if args.draft_temperatures and (args.drafters or args.ar_drafters):
-        ap.error("--draft-temperatures: not with --drafters / --ar-drafters (one ablation a run)")
-    if any(not 0 <= t <= 10 for t in args.draft_temperatures):
-        ap.error("--draft-temperatures: each in [0, 10] (specdiff's draft_temperature range)")
     ablation = bool(args.drafters or args.ar_drafters)
+    swept = [name for name in ("gamma_steps", "draft_temperatures")
+             if getattr(args, name) is not None]
+    sweep = bool(swept)
+    if sweep and ablation:
+        ap.error("--gamma-steps / --draft-temperatures: not with --drafters / --ar-drafters "
+                 "(one comparison a run)")
+    if any(not 0 <= t <= 10 for t in args.draft_temperatures or []):
+        ap.error("--draft-temperatures: each in [0, 10] (specdiff's draft_temperature range)")
     prepare_process(quiet=True)
     from transformers import AutoTokenizer
 
@@ -166,14 +188,15 @@ def main() -> None:
     if ablation:
         grid = [replace(m, target=str(pair.target))
                 for m in drafter_methods(args.drafters, args.ar_drafters)]
-    elif args.draft_temperatures:
-        grid = [on_pair(m, pair) for m in draft_temperature_methods(args.draft_temperatures)]
+    elif sweep:
+        grid = [on_pair(m, pair) for m in sweep_methods(
+            args.gamma_steps or [(4, 1), (8, 1)], [None, *(args.draft_temperatures or [])])]
     else:
         grid = [on_pair(m, pair) for m in methods(args.quick)]
     cells = run_grid(grid, [("tinystories", s) for s in stories], args.batches, args.temperatures,
                      args.repeats, args.max_tokens, log, args.max_engines, min_prompts=8)
     stem = f"pair_bench_{args.pair}" + ("_drafters" if ablation else
-                                        "_draft_temperatures" if args.draft_temperatures else
+                                        "".join(f"_{name}" for name in swept) if swept else
                                         "_quick" if args.quick else "") + (
         f"_{args.label}" if args.label else "")
     RESULTS.mkdir(parents=True, exist_ok=True)
