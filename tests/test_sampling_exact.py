@@ -145,17 +145,17 @@ def test_mixed_batch_negative_control_one_temperature_for_all_rows(llm, monkeypa
     its chi-square test must fail."""
     from dataclasses import replace
 
-    from vllm_specdiff import compat
+    from vllm.v1.sample import rejection_sampler
 
-    original = compat.apply_sampling_constraints
+    original = rejection_sampler.apply_sampling_constraints
 
-    def one_temperature(logits, num_draft_tokens, sampling_metadata):
+    def one_temperature(logits, cu_num_draft_tokens, sampling_metadata):
         t = sampling_metadata.temperature
         if t is not None and t.numel():
             sampling_metadata = replace(sampling_metadata, temperature=t[:1].expand_as(t).clone())
-        return original(logits, num_draft_tokens, sampling_metadata)
+        return original(logits, cu_num_draft_tokens, sampling_metadata)
 
-    monkeypatch.setattr(compat, "apply_sampling_constraints", one_temperature)
+    monkeypatch.setattr(rejection_sampler, "apply_sampling_constraints", one_temperature)
     results = group_pvalues(sample_mixed(llm))
     print("one temperature for all rows: " + "; ".join(
         f"{name} p={r[0][0]:.3g}" for name, r in results.items()))

@@ -136,13 +136,17 @@ def test_row_triage():
     assert no_batch.mdlm == [0, 2, 4] and no_batch.ngram == []
 
 
-def test_cpu_sampling_constraints_expand_each_request_to_its_rows():
-    from vllm.v1.sample.rejection_sampler import GREEDY_TEMPERATURE
+def test_cpu_sampling_constraints_expand_each_request_to_its_rows(pristine_vllm):
+    """vLLM's apply_sampling_constraints, which specdiff's verifier calls too, divides
+    each draft row by its own request's temperature (greedy rows by 1) on the CPU
+    once the CPU patches are in."""
+    from vllm.v1.sample import rejection_sampler as rs
 
+    compat.CPU_PATCHES.ensure_applied()
     logits = torch.ones(5, 3)
     meta = types.SimpleNamespace(all_greedy=False, top_k=None, top_p=None,
-                                 temperature=torch.tensor([0.5, GREEDY_TEMPERATURE, 2.0]))
-    out = compat.apply_sampling_constraints(logits, [2, 1, 2], meta)
+                                 temperature=torch.tensor([0.5, rs.GREEDY_TEMPERATURE, 2.0]))
+    out = rs.apply_sampling_constraints(logits, torch.tensor([2, 3, 5]), meta)
     assert out[:, 0].tolist() == [2.0, 2.0, 1.0, 0.5, 0.5]
 
 

