@@ -110,6 +110,27 @@ def test_draft_probs_are_distributions_over_target_vocab_and_match_tokens():
     assert d.forward_passes == 3
 
 
+def test_left_to_right_passes_report_the_q_of_the_pass_that_revealed_each_position():
+    """At T > 1 a left-to-right pass scores only the positions it reveals; each
+    position's q must still be softmax(logits / temperature) of the whole canvas as
+    that pass saw it (the tokens revealed before, masks after), recomputed here with
+    every position scored."""
+    drafter = small_drafter(steps=3, schedule="left_to_right", context_window=16)
+    contexts, temps = [[1, 2, 3], [4, 5, 6]], [1.0, 0.7]
+    d = drafter.draft(contexts, draft_len=5, temperatures=temps)
+    assert d.forward_passes == 3
+    mask_id, start = drafter.mask_id, 0
+    for size in (2, 2, 1):  # group_sizes(5, 3)
+        canvas = torch.tensor(contexts, device=DEVICE)
+        block = torch.full((2, 5), mask_id, device=DEVICE)
+        block[:, :start] = d.tokens[:, :start]
+        with torch.no_grad():
+            logits = drafter.model(torch.cat((canvas, block), 1), num_last=5).float()
+        q = torch.softmax(logits[..., :mask_id] / torch.tensor(temps, device=DEVICE)[:, None, None], -1)
+        torch.testing.assert_close(d.probs[:, start : start + size], q[:, start : start + size])
+        start += size
+
+
 def test_seeded_drafts_are_reproducible():
     for schedule in ("left_to_right", "random", "confidence"):
         drafter = small_drafter(steps=3, schedule=schedule, context_window=16)

@@ -23,7 +23,7 @@ import torch
 
 from vllm_specdiff.drafter_cache import DrafterCache
 from vllm_specdiff.model import MDLM, Past, block_causal_mask
-from vllm_specdiff.schedules import is_exact, reveal_mask
+from vllm_specdiff.schedules import group_sizes, is_exact, reveal_mask
 
 GREEDY = 0.0
 
@@ -121,9 +121,9 @@ class WindowCanvas:
         self.ids, self.positions = ids.to(device), positions.to(device)
         self.key_mask = None if key_mask is None else key_mask.to(device)
 
-    def logits(self, num_last: int) -> torch.Tensor:
+    def logits(self, num_last: int, num_scored: int | None = None) -> torch.Tensor:
         return self.model(self.ids, positions=self.positions, key_padding_mask=self.key_mask,
-                          num_last=num_last, block_len=self.draft_len)
+                          num_last=num_last, block_len=self.draft_len, num_scored=num_scored)
 
     def reveal(self, reveal: torch.Tensor, proposal: torch.Tensor) -> None:
         block = self.ids[:, -self.draft_len:]
@@ -181,7 +181,7 @@ class CachedCanvas:
         return self.n - c.starts[self.slots] - c.lengths[self.slots]
 
     def _pass(self, rows: np.ndarray, new: np.ndarray, block: torch.Tensor | None,
-              num_last: int) -> torch.Tensor:
+              num_last: int, num_scored: int | None = None) -> torch.Tensor:
         """One forward pass of batch rows ``rows``: their ``new`` context tokens
         (left-padded to the longest) then ``block``, against their cached columns; the
         new tokens' keys and values are written to the cache."""
@@ -209,17 +209,18 @@ class CachedCanvas:
         past = Past(c.k, c.v, torch.as_tensor(slots, device=device), past_len,
                     *(torch.as_tensor(a, device=device) for a in
                       (w_rows, w_src, c.lengths[slots][w_rows] + w_src - pad[w_rows])))
-        out = d.model.backbone(ids, d.zero_sigma(len(rows)), positions, mask, num_last, past)
+        out = d.model.backbone(ids, d.zero_sigma(len(rows)), positions, mask, num_last, past,
+                               num_scored=num_scored)
         c.lengths[slots] += new
         return out
 
-    def logits(self, num_last: int) -> torch.Tensor:
+    def logits(self, num_last: int, num_scored: int | None = None) -> torch.Tensor:
         all_rows = np.arange(len(self.slots))
         if not self.encoded:  # the new context tokens and the block, in one pass
             self.encoded = True
-            return self._pass(all_rows, self._new_tokens(), self.block, num_last)
+            return self._pass(all_rows, self._new_tokens(), self.block, num_last, num_scored)
         zero = np.zeros(len(self.slots), dtype=np.int64)
-        return self._pass(all_rows, zero, self.block, num_last)
+        return self._pass(all_rows, zero, self.block, num_last, num_scored)
 
     def reveal(self, reveal: torch.Tensor, proposal: torch.Tensor) -> None:
         self.block = torch.where(reveal, proposal, self.block)
@@ -266,11 +267,11 @@ class DiffusionDrafter:
         cached: draw on a ``DrafterCache`` (the rows' slots) instead of re-encoding
         the last W context tokens.
 
-        Memory: q is computed in place in the model's output buffer, and the first
-        pass's buffer is the q handed to the verifier; later passes (left-to-right)
-        score only the still-masked tail and copy the q of the positions they reveal
-        into it. Peak: one [B, draft_len, V] float32 tensor at T = 1, plus the tail
-        of the second pass at T > 1.
+        Memory and compute: q is computed in place in the model's output buffer. At
+        T = 1 that buffer is the q handed to the verifier. At T > 1 a left-to-right
+        pass scores only the positions it reveals (the other schedules: the whole
+        masked tail) and copies their q into one [B, draft_len, V] tensor. Peak: one
+        [B, draft_len, V] float32 tensor, plus one pass's scored columns at T > 1.
         """
         contexts = ContextBatch.of(contexts)
         B = len(contexts.rows)
@@ -293,16 +294,23 @@ class DiffusionDrafter:
         masked = torch.ones(B, draft_len, dtype=torch.bool, device=self.device)
         probs = None  # the kept q (exact schedules, sampled rows only)
         passes, scored = 0, None
+        # left_to_right reveals known columns at each step: a pass scores those only
+        # (the other schedules rank or draw among every masked position).
+        groups = group_sizes(draft_len, steps) if self.schedule == "left_to_right" else None
         for step in range(steps):
             if scored is None:  # else no token changed since the last pass: reuse it
                 # Revealed columns form a prefix in left-to-right order: score the rest.
                 first = int(masked.any(0).nonzero()[0]) if step else 0
-                out = canvas.logits(draft_len - first)
+                count = groups[step] if groups else draft_len - first
+                out = canvas.logits(draft_len - first, count)
                 passes += 1
-                scored = self._score(out, V, temps, greedy, all_greedy, generators, first, draft_len)
+                scored = self._score(out, V, temps, greedy, all_greedy, generators, first, count,
+                                     draft_len)
             first, proposal, confidence, q = scored
-            full = lambda t, fill: torch.cat(  # noqa: E731  tail [B, n] -> [B, draft_len]
-                (t.new_full((B, first), fill), t), 1) if first else t
+            n = proposal.shape[1]
+            full = lambda t, fill: torch.cat(  # noqa: E731  scored [B, n] -> [B, draft_len]
+                [t.new_full((B, first), fill), t, t.new_full((B, draft_len - first - n), fill)],
+                1) if n < draft_len else t
             order = self._uniforms((B, draft_len), generators) if self.schedule == "random" else None
             reveal = reveal_mask(self.schedule, step, steps, masked,
                                  None if confidence is None else full(confidence, float("-inf")), order)
@@ -310,10 +318,12 @@ class DiffusionDrafter:
                 proposal = full(proposal, 0)
                 tokens = torch.where(reveal, proposal, tokens)
                 if q is not None and exact:
-                    if probs is None:
-                        probs = q  # the first pass covers every position
-                    else:  # column by column: no [B, tail, V] gather
-                        for col in reveal[:, first:].any(0).nonzero().flatten().tolist():
+                    if probs is None and n == draft_len:
+                        probs = q  # one pass scored every position: its buffer is q
+                    else:  # column by column: no [B, n, V] gather
+                        if probs is None:
+                            probs = q.new_empty(B, draft_len, q.shape[-1])
+                        for col in reveal[:, first : first + n].any(0).nonzero().flatten().tolist():
                             rows = reveal[:, first + col]
                             if bool(rows.all()):
                                 probs[:, first + col].copy_(q[:, col])
@@ -326,10 +336,10 @@ class DiffusionDrafter:
         return Draft(tokens=tokens, probs=probs, has_q=has_q, exact=exact,
                      drafted_greedily=greedy, forward_passes=passes)
 
-    def _score(self, out, V, temps, greedy, all_greedy, generators, first, draft_len):
-        """One pass's proposals over the scored tail [first, draft_len): argmax for
-        greedy rows, a draw from q = softmax(logits / T) for the others (q in place in
-        ``out``), and the confidence the ``confidence`` schedule ranks by."""
+    def _score(self, out, V, temps, greedy, all_greedy, generators, first, count, draft_len):
+        """One pass's proposals over the scored columns [first, first + count): argmax
+        for greedy rows, a draw from q = softmax(logits / T) for the others (q in place
+        in ``out``), and the confidence the ``confidence`` schedule ranks by."""
         logits = out[..., :V]
         if out.dtype != torch.float32:
             logits = logits.float()
@@ -344,7 +354,9 @@ class DiffusionDrafter:
         else:
             q = softmax_(logits.contiguous(), temps)
         B, n = q.shape[:2]
-        u = self._uniforms((B, draft_len), generators)[:, first:]
+        # draft_len uniforms per pass whatever it scores: a seeded request's stream
+        # advances by the same amount as when every pass scored the whole tail.
+        u = self._uniforms((B, draft_len), generators)[:, first : first + count]
         proposal = torch.empty(B, n, dtype=torch.long, device=q.device)
         for i in range(0, B, SAMPLING_CHUNK):  # the CDF scratch is chunk x n x V
             proposal[i : i + SAMPLING_CHUNK] = sample_inverse_cdf(q[i : i + SAMPLING_CHUNK],

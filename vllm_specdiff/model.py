@@ -234,9 +234,12 @@ class DITBackbone(nn.Module):
         self.frozen_modulation = (c, [b.modulation(c) for b in self.blocks],
                                   self.output_layer.modulation(c))
 
-    def forward(self, ids, sigma, positions=None, attn_mask=None, num_last=None, past=None):
+    def forward(self, ids, sigma, positions=None, attn_mask=None, num_last=None, past=None,
+                num_scored=None):
         """attn_mask: bool, True = may attend, broadcastable to [B, 1, L, P + L] (P the
-        cached columns of ``past``, 0 without it)."""
+        cached columns of ``past``, 0 without it). Logits of the last ``num_last``
+        columns only, and of those only the first ``num_scored`` (a left-to-right
+        drafting pass needs the positions it reveals, not the whole masked tail)."""
         B, L = ids.shape
         if positions is None:
             positions = torch.arange(L, device=ids.device).expand(B, L)
@@ -253,7 +256,7 @@ class DITBackbone(nn.Module):
             if past is not None:
                 past.write(layer, *kv)
         if num_last is not None:  # drafting only needs logits of the masked tail
-            x = x[:, L - num_last :]
+            x = x[:, L - num_last : L - num_last + (num_last if num_scored is None else num_scored)]
         return self.output_layer(x, c, final_mod)
 
 
@@ -336,12 +339,14 @@ class MDLM(nn.Module):
         key_padding_mask: torch.Tensor | None = None,
         num_last: int | None = None,
         block_len: int | None = None,
+        num_scored: int | None = None,
     ) -> torch.Tensor:
         """input_ids [B, L] -> raw logits [B, L, V] (or [B, num_last, V]).
 
         positions [B, L] are rotary positions (default 0..L-1); key_padding_mask
         [B, L] is True for real tokens (padding is never attended to); block_len: the
-        draft block, the last columns (block-causal drafters only).
+        draft block, the last columns (block-causal drafters only); num_scored: of the
+        last num_last columns, logits of the first num_scored only.
         """
         if sigma is None:
             sigma = torch.zeros(input_ids.shape[0], device=input_ids.device)
@@ -353,7 +358,7 @@ class MDLM(nn.Module):
             mask = block_causal_mask(real, block_len)
         else:
             mask = None if key_padding_mask is None else padding_mask(key_padding_mask)
-        return self.backbone(input_ids, sigma, positions, mask, num_last)
+        return self.backbone(input_ids, sigma, positions, mask, num_last, num_scored=num_scored)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
