@@ -34,8 +34,9 @@ class SpecDiffConfig(NamedTuple):
     # gamma: the most draft tokens per request per step, 1..64.
     num_speculative_tokens: int = 8
     # T: denoising steps (drafter forward passes) per proposal, 1..gamma. 1 by default:
-    # on the embedded pair a second pass costs more than the acceptance it adds
-    # (benchmarks/results/spec_bench.md), and q then fits in one [B, gamma, V] buffer.
+    # on both embedded pairs a second pass costs more than the acceptance it adds
+    # (benchmarks/results/spec_bench.md, pair_bench_small_gamma_steps.md), and q then
+    # is the drafter's output buffer itself.
     diffusion_steps: int = 1
     # Which masked positions each step reveals: left_to_right | random | confidence.
     schedule: str = "left_to_right"
