@@ -24,9 +24,11 @@ conditioned on the ones before), at each request's temperature and at fixed draf
 temperatures (sampled requests then draft from softmax(logits / that value) and are
 verified against that q, so any value is exact). ``--drafters`` compares MDLM
 drafters of the pair's target instead (an ablation): specdiff at gamma 4 and 8, T 1,
-fixed, with each folder's drafter (and gamma 8 with the whole context); ``--ar-drafters`` the same for AR drafters (``draft_model`` g4, g8,
-and g4 probabilistic).
-Results: benchmarks/results/pair_bench_<pair>[_quick|_drafters|_gamma_steps|_draft_temperatures][_<label>].{md,json}.
+fixed, with each folder's drafter (and gamma 8 with the whole context);
+``--ar-drafters`` the same for AR drafters (``draft_model`` g4, g8, and g4
+probabilistic). Every specdiff row also shows the draft lengths specdiff chose.
+Results: benchmarks/results/pair_bench_<pair>[_quick|_drafters|_gamma_steps|
+_draft_temperatures][_<label>].{md,json} (a sweep's name lists what it swept).
 """
 
 from __future__ import annotations
@@ -169,8 +171,7 @@ def main() -> None:
     ablation = bool(args.drafters or args.ar_drafters)
     swept = [name for name in ("gamma_steps", "draft_temperatures")
              if getattr(args, name) is not None]
-    sweep = bool(swept)
-    if sweep and ablation:
+    if swept and ablation:
         ap.error("--gamma-steps / --draft-temperatures: not with --drafters / --ar-drafters "
                  "(one comparison a run)")
     if any(not 0 <= t <= 10 for t in args.draft_temperatures or []):
@@ -188,7 +189,7 @@ def main() -> None:
     if ablation:
         grid = [replace(m, target=str(pair.target))
                 for m in drafter_methods(args.drafters, args.ar_drafters)]
-    elif sweep:
+    elif swept:
         grid = [on_pair(m, pair) for m in sweep_methods(
             args.gamma_steps or [(4, 1), (8, 1)], [None, *(args.draft_temperatures or [])])]
     else:
