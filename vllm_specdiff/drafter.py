@@ -299,12 +299,13 @@ class DiffusionDrafter:
         groups = group_sizes(draft_len, steps) if self.schedule == "left_to_right" else None
         for step in range(steps):
             if scored is None:  # else no token changed since the last pass: reuse it
-                # Revealed columns form a prefix in left-to-right order: score the rest.
+                # Revealed columns form a prefix: score from the first masked one (the
+                # group it starts, for left_to_right; the rest of the tail otherwise).
                 first = int(masked.any(0).nonzero()[0]) if step else 0
                 count = groups[step] if groups else draft_len - first
                 out = canvas.logits(draft_len - first, count)
                 passes += 1
-                scored = self._score(out, V, temps, greedy, all_greedy, generators, first, count,
+                scored = self._score(out, V, temps, greedy, all_greedy, generators, first,
                                      draft_len)
             first, proposal, confidence, q = scored
             n = proposal.shape[1]
@@ -336,10 +337,11 @@ class DiffusionDrafter:
         return Draft(tokens=tokens, probs=probs, has_q=has_q, exact=exact,
                      drafted_greedily=greedy, forward_passes=passes)
 
-    def _score(self, out, V, temps, greedy, all_greedy, generators, first, count, draft_len):
-        """One pass's proposals over the scored columns [first, first + count): argmax
-        for greedy rows, a draw from q = softmax(logits / T) for the others (q in place
-        in ``out``), and the confidence the ``confidence`` schedule ranks by."""
+    def _score(self, out, V, temps, greedy, all_greedy, generators, first, draft_len):
+        """One pass's proposals over the block columns it scored (``out``'s columns,
+        from ``first`` on): argmax for greedy rows, a draw from q = softmax(logits / T)
+        for the others (q in place in ``out``), and the confidence the ``confidence``
+        schedule ranks by."""
         logits = out[..., :V]
         if out.dtype != torch.float32:
             logits = logits.float()
@@ -356,7 +358,7 @@ class DiffusionDrafter:
         B, n = q.shape[:2]
         # draft_len uniforms per pass whatever it scores: a seeded request's stream
         # advances by the same amount as when every pass scored the whole tail.
-        u = self._uniforms((B, draft_len), generators)[:, first : first + count]
+        u = self._uniforms((B, draft_len), generators)[:, first : first + n]
         proposal = torch.empty(B, n, dtype=torch.long, device=q.device)
         for i in range(0, B, SAMPLING_CHUNK):  # the CDF scratch is chunk x n x V
             proposal[i : i + SAMPLING_CHUNK] = sample_inverse_cdf(q[i : i + SAMPLING_CHUNK],

@@ -256,7 +256,8 @@ class DITBackbone(nn.Module):
             if past is not None:
                 past.write(layer, *kv)
         if num_last is not None:  # drafting only needs logits of the masked tail
-            x = x[:, L - num_last : L - num_last + (num_last if num_scored is None else num_scored)]
+            start = L - num_last
+            x = x[:, start : L if num_scored is None else start + num_scored]
         return self.output_layer(x, c, final_mod)
 
 
