@@ -7,6 +7,7 @@ acceptance and speed of each method at fixed settings, greedy and temperature 1.
         --ar-drafters runs/c runs/d
     python benchmarks/pair_bench.py --pair small --batches 1 --temperatures 1 \
         --gamma-steps 4:1 4:4 --draft-temperatures 0.7
+    python benchmarks/pair_bench.py --pair small --batches 32 --only "g4 T1 adaptive" "T1$" ngram
 
 Where spec_bench.py mixes Spec-Bench categories and lets specdiff's adaptive draft
 length choose, this measures each drafter as trained: specdiff at fixed gamma and T
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from dataclasses import replace
@@ -154,6 +156,9 @@ def main() -> None:
     ap.add_argument("--draft-temperatures", type=float, nargs="+", default=None, metavar="T",
                     help="a sweep instead: at each request's own temperature and at these "
                          "fixed draft temperatures (specdiff's draft_temperature)")
+    ap.add_argument("--only", nargs="+", default=None, metavar="REGEX",
+                    help="keep the methods whose name one of these matches (re.search), "
+                         "and plain decoding, every ratio's reference")
     ap.add_argument("--label", default=None, help="added to the result file's name")
     args = ap.parse_args()
     if args.repeats < 3:
@@ -194,6 +199,8 @@ def main() -> None:
             args.gamma_steps or [(4, 1), (8, 1)], [None, *(args.draft_temperatures or [])])]
     else:
         grid = [on_pair(m, pair) for m in methods(args.quick)]
+    if args.only:
+        grid = [m for m in grid if m.family == "none" or any(re.search(r, m.name) for r in args.only)]
     cells = run_grid(grid, [("tinystories", s) for s in stories], args.batches, args.temperatures,
                      args.repeats, args.max_tokens, log, args.max_engines, min_prompts=8)
     stem = f"pair_bench_{args.pair}" + ("_drafters" if ablation else
