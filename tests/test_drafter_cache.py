@@ -1,6 +1,7 @@
 """The drafter cache without an engine: a block-causal drafter drafts the same through
-its cache as from scratch, slots are accounted for, long contexts slide, a cache that
-does not fit is refused, and a bidirectional drafter's approximate cache refreshes."""
+its cache as from scratch, slots are accounted for, a long context keeps its last tokens
+in a ring that drafts as a store that never wraps, a cache that does not fit is refused,
+and a bidirectional drafter's approximate cache refreshes."""
 
 from __future__ import annotations
 
@@ -112,10 +113,42 @@ def test_a_context_longer_than_the_cache_keeps_its_last_tokens():
         args = CachedCanvasArgs(cache, cache.slots_for(["a"]), True, None)
         draft = d.draft([context], 4, [1.0], None, cached=args)
         assert cache.lengths[0] <= 24
-        assert cache.starts[0] + cache.lengths[0] == len(context)
+        assert cache.ends[0] == len(context)
         assert torch.isfinite(draft.probs).all()
         context.extend(rng.integers(0, VOCAB, size=5))
-    assert cache.starts[0] == len(context) - 5 - 24
+    n = len(context) - 5  # the last drafting step's context
+    assert cache.visible(np.array([0]), np.array([n]), 24).sum() == 24
+    assert cache.starts[0] == 0  # never reset: the ring overwrote its oldest columns
+
+
+@pytest.mark.parametrize("window", [24, 7])
+def test_a_ring_that_wraps_drafts_as_a_store_that_never_does(window):
+    """Keys live in column (i mod capacity) of a slot; a long context overwrites its
+    oldest columns in place. That must change nothing but where keys are stored:
+    logits through a full, wrapping ring equal those through a store large enough
+    never to wrap, both attending to the last ``window`` tokens. Steps of 1..9 new
+    tokens, so the ring wraps at many offsets."""
+    d = drafter(model_length=256)
+    ring = DrafterCache(d.model.config, slots=2, capacity=window, dtype=torch.float32)
+    store = DrafterCache(d.model.config, slots=2, capacity=200, dtype=torch.float32,
+                         window=window)
+    rng = np.random.default_rng(3)
+    contexts = [list(rng.integers(0, VOCAB, size=n)) for n in (3, 30)]
+    most_written = 0
+    for _ in range(14):
+        batch = ContextBatch.of(contexts)
+        canvases = [CachedCanvas(d, c, c.slots_for(["a", "b"]), batch, 6, True, None)
+                    for c in (ring, store)]
+        with torch.inference_mode():
+            torch.testing.assert_close(canvases[0].logits(6), canvases[1].logits(6),
+                                       atol=1e-5, rtol=0)
+        assert ring.lengths.max() <= window
+        most_written = max(most_written, int(ring.written.max()))
+        for c in contexts:
+            c.extend(rng.integers(0, VOCAB, size=int(rng.integers(1, 10))))
+    assert most_written > 2 * window  # the ring wrapped (a step of more than `window`
+    # new tokens resets a slot instead, as a 7-token window often does here)
+    assert store.written.max() <= store.capacity  # the store never did
 
 
 def test_approximate_cache_refreshes_its_slots():

@@ -148,7 +148,7 @@ class CachedCanvas:
         self.drafter, self.cache, self.causal_context = drafter, cache, causal_context
         self.slots, self.contexts, self.n = slots, contexts, contexts.lengths
         device = drafter.device
-        self._make_room(refresh_steps)
+        cache.make_room(slots, self.n, refresh_steps)
         self.block = torch.full((len(slots), draft_len), drafter.mask_id, dtype=torch.long,
                                 device=device)
         self.block_positions = torch.as_tensor(
@@ -162,23 +162,8 @@ class CachedCanvas:
             self._pass(long_rows, new, block=None, num_last=0)
         self.encoded = False
 
-    def _make_room(self, refresh_steps: int | None) -> None:
-        """Reset slots whose cache is stale (an approximate cache due for its refresh,
-        or a cache that does not match the context) and slide full ones."""
-        cache, slots, window = self.cache, self.slots, self.cache.capacity
-        starts, lengths = cache.starts[slots], cache.lengths[slots]
-        drop = self.n - starts - window  # > 0: the slot would exceed its capacity
-        stale = (starts + lengths > self.n) | (drop >= lengths)
-        if refresh_steps is not None:
-            stale |= cache.steps_since_encode[slots] >= refresh_steps
-        cache.reset(slots[stale], np.maximum(0, self.n[stale] - window))
-        cache.steps_since_encode[slots] += 1
-        slide = ~stale & (drop > 0)
-        cache.slide(slots[slide], drop[slide])
-
     def _new_tokens(self) -> np.ndarray:
-        c = self.cache
-        return self.n - c.starts[self.slots] - c.lengths[self.slots]
+        return self.n - self.cache.ends[self.slots]
 
     def _pass(self, rows: np.ndarray, new: np.ndarray, block: torch.Tensor | None,
               num_last: int, num_scored: int | None = None) -> torch.Tensor:
@@ -189,8 +174,7 @@ class CachedCanvas:
         slots = self.slots[rows]
         new = new[rows]
         block_len = 0 if block is None else block.shape[1]
-        ids, src, real, pad = left_padded(self.contexts, rows, c.starts[slots] + c.lengths[slots],
-                                          new, d.mask_id)
+        ids, src, real, pad = left_padded(self.contexts, rows, c.ends[slots], new, d.mask_id)
         device = d.device
         ids = torch.from_numpy(ids).to(device)
         positions = torch.from_numpy(src).to(device)
@@ -202,16 +186,16 @@ class CachedCanvas:
         past_len = int(c.lengths[slots].max(initial=0))
         mask = block_causal_mask(real_t, block_len, self.causal_context)
         if past_len:
-            cached = torch.from_numpy(np.arange(past_len)[None, :] < c.lengths[slots][:, None])
-            cached = cached.to(device)[:, None, None, :].expand(-1, 1, mask.shape[2], -1)
+            cached = torch.from_numpy(c.visible(slots, self.n[rows], past_len)).to(device)
+            cached = cached[:, None, None, :].expand(-1, 1, mask.shape[2], -1)
             mask = torch.cat((cached, mask), -1)
         w_rows, w_src = np.nonzero(real)
         past = Past(c.k, c.v, torch.as_tensor(slots, device=device), past_len,
                     *(torch.as_tensor(a, device=device) for a in
-                      (w_rows, w_src, c.lengths[slots][w_rows] + w_src - pad[w_rows])))
+                      (w_rows, w_src, c.columns(slots[w_rows], w_src - pad[w_rows]))))
         out = d.model.backbone(ids, d.zero_sigma(len(rows)), positions, mask, num_last, past,
                                num_scored=num_scored)
-        c.lengths[slots] += new
+        c.advance(slots, new)
         return out
 
     def logits(self, num_last: int, num_scored: int | None = None) -> torch.Tensor:

@@ -11,11 +11,15 @@ host-side numpy, so using the cache needs no device synchronisation:
 - a request gets a slot on its first drafting step (``slots_for``) and gives it back
   when it finishes, is aborted or preempted (``release``), or leaves the batch
   (``release_all_but``); a returning request rebuilds its context from scratch;
-- ``lengths[s]`` context tokens are cached, the request's tokens ``starts[s] ..
-  starts[s] + lengths[s] - 1``. Only verified context tokens are ever written (the
+- a slot is a ring of ``capacity`` columns: the request's token ``starts[s] + i`` (the
+  i-th written since the slot was reset) lives in column ``i % capacity``, so a long
+  context overwrites its oldest columns in place and a step costs the same whatever
+  the context's length (attention does not care about column order: every key
+  carries its rotary position). Only verified context tokens are ever written (the
   draft block never is), so nothing needs rolling back after a rejection;
-- a context longer than ``capacity`` keeps its last ``capacity`` tokens: the slot's
-  oldest columns are dropped (``slide``), the keys keep their rotary positions.
+- a pass sees the cached tokens among its context's last ``window`` (= capacity,
+  unless a test asks for a larger store): a context longer than that keeps its last
+  ``window`` tokens.
 """
 
 from __future__ import annotations
@@ -37,13 +41,17 @@ class DrafterCacheError(ValueError):
 
 class DrafterCache:
     def __init__(self, config: MDLMConfig, slots: int, capacity: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", window: int | None = None):
         shape = self.shape(config, slots, capacity)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.capacity = capacity
-        self.lengths = np.zeros(slots, dtype=np.int64)
-        self.starts = np.zeros(slots, dtype=np.int64)
+        self.window = capacity if window is None else window
+        if not 0 < self.window <= capacity:
+            raise ValueError(f"drafter cache: window {self.window} must be in "
+                             f"[1, capacity={capacity}]")
+        self.written = np.zeros(slots, dtype=np.int64)  # tokens written since the reset
+        self.starts = np.zeros(slots, dtype=np.int64)  # context index of the first of them
         self.steps_since_encode = np.zeros(slots, dtype=np.int64)  # approximate caches refresh
         self._slot_of: dict[str, int] = {}
         self._free = list(range(slots - 1, -1, -1))
@@ -62,6 +70,16 @@ class DrafterCache:
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
+
+    @property
+    def ends(self) -> np.ndarray:
+        """Per slot: the context index of the next token to encode."""
+        return self.starts + self.written
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Per slot: columns holding a token."""
+        return np.minimum(self.written, self.capacity)
 
     @property
     def slots_in_use(self) -> int:
@@ -85,9 +103,40 @@ class DrafterCache:
 
     def reset(self, slots, starts) -> None:
         """Empty slots; the next token each encodes is its request's token ``starts``."""
-        self.lengths[slots] = 0
+        self.written[slots] = 0
         self.starts[slots] = starts
         self.steps_since_encode[slots] = 0
+
+    def make_room(self, slots: np.ndarray, n: np.ndarray, refresh_steps: int | None) -> None:
+        """Before a step whose contexts have ``n`` tokens: reset the slots that cannot
+        continue (a context that no longer extends the cached tokens, one whose new
+        tokens alone fill the window, an approximate cache due for its refresh); a
+        reset slot starts again at its context's last ``window`` tokens."""
+        ends = self.ends[slots]
+        stale = (ends > n) | (ends <= n - self.window)
+        if refresh_steps is not None:
+            stale |= self.steps_since_encode[slots] >= refresh_steps
+        self.reset(slots[stale], np.maximum(0, n[stale] - self.window))
+        self.steps_since_encode[slots] += 1
+
+    def columns(self, slots: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """The columns of the tokens ``offsets`` (>= 0) past each slot's end."""
+        return (self.written[slots] + offsets) % self.capacity
+
+    def visible(self, slots: np.ndarray, n: np.ndarray, width: int) -> np.ndarray:
+        """bool [len(slots), width]: which of each slot's first ``width`` columns a
+        pass over a context of ``n`` tokens attends to (a token among its last
+        ``window``)."""
+        written = self.written[slots][:, None]
+        held = np.minimum(written, self.capacity)
+        oldest = written - held  # offset of the oldest token held
+        cols = np.arange(width)[None, :]
+        index = self.starts[slots][:, None] + oldest + (cols - oldest) % self.capacity
+        return (cols < held) & (index >= (n - self.window)[:, None])
+
+    def advance(self, slots: np.ndarray, new: np.ndarray) -> None:
+        """``new`` tokens were written past each slot's end."""
+        self.written[slots] += new
 
     def release(self, req_ids) -> None:
         for rid in req_ids:
@@ -100,22 +149,6 @@ class DrafterCache:
         preempted or unscheduled: a request that comes back rebuilds its cache)."""
         live = set(live_req_ids)
         self.release([rid for rid in self._slot_of if rid not in live])
-
-    def slide(self, slots: np.ndarray, drop: np.ndarray) -> None:
-        """Drop the oldest ``drop[i]`` cached columns of ``slots[i]`` (0 < drop < length)."""
-        if not len(slots):
-            return
-        idx = torch.as_tensor(slots, device=self.k.device)
-        width = int(self.lengths[slots].max())
-        cols = torch.arange(width)[None, :] + torch.as_tensor(drop)[:, None]
-        cols = cols.clamp_(max=self.capacity - 1).to(self.k.device)
-        for store in (self.k, self.v):
-            rows = store[:, idx, :, :]  # [n_blocks, S, H, capacity, hd] copy
-            gather = cols[None, :, None, :, None].expand(
-                rows.shape[0], rows.shape[1], rows.shape[2], width, rows.shape[4])
-            store[:, idx, :, :width] = rows.gather(3, gather)
-        self.lengths[slots] -= drop
-        self.starts[slots] += drop
 
 
 def available_memory(device: torch.device) -> int:
