@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -94,12 +95,18 @@ class ScriptedEngine:
     accepts its draft positions with the scripted conditional probabilities (drawn
     from a seeded RNG, so every run is the same)."""
 
-    def __init__(self, acceptance, base=3e-3, per_request=1e-4, draft=2e-4, fixed=0.0, seed=0):
+    def __init__(self, acceptance, base=3e-3, per_request=1e-4, draft=2e-4, fixed=0.0, seed=0,
+                 jitter=0.0, drift=0.0):
         import random
 
         self.acceptance, self.base, self.per_request, self.draft = acceptance, base, per_request, draft
         self.fixed = fixed
         self.rng = random.Random(seed)
+        # Measured step times (not cost()) vary by a log-normal factor: ``jitter`` from
+        # step to step, ``drift`` from one stretch of 20 steps to the next (a shared
+        # machine's speed changes over seconds, so arms measured at different times
+        # disagree by more than their steps do).
+        self.jitter, self.drift, self.speed, self.steps = jitter, drift, 1.0, 0
 
     def cost(self, batch, k):
         return (self.base + self.per_request * batch * (1 + k) + self.draft * batch * k
@@ -123,7 +130,11 @@ class ScriptedEngine:
             while n < k and self.rng.random() < self.acceptance[n]:
                 n += 1
             accepted.append(n)
-        a.observe(StepOutcome(batch, k, tokens=batch + sum(accepted), seconds=self.cost(batch, k),
+        if self.steps % 20 == 0 and self.drift:
+            self.speed = math.exp(self.rng.gauss(0, self.drift))
+        self.steps += 1
+        seconds = self.cost(batch, k) * self.speed * math.exp(self.rng.gauss(0, self.jitter))
+        a.observe(StepOutcome(batch, k, tokens=batch + sum(accepted), seconds=seconds,
                               accepted=tuple(accepted)))
         return k
 
@@ -282,6 +293,48 @@ def test_drafting_resumes_when_a_re_measured_length_pays_again():
     assert engine.expected_goodput(64, best) > 1.2 * engine.expected_goodput(64, 0)
     choices = [engine.step(a, 64) for _ in range(120)]
     assert sum(k > 0 for k in choices[-40:]) >= 36, choices
+
+
+# The small pair's conditional acceptance per position at gamma 8, T 1, greedy
+# (benchmarks/results/pair_bench_small.md), and its batch-1 step costs in ms: plain 8,
+# drafted 11.5 + 0.375 per draft token (13 at gamma 4, 14.5 at gamma 8).
+SMALL_PAIR = [0.81, 0.80, 0.72, 0.68, 0.72, 0.78, 0.83, 0.87]
+
+
+def test_a_deep_position_seen_on_few_rows_leans_on_the_position_before():
+    """Rows reach position i only as often as every position before it passes, so the
+    deep positions of a long draft are seen on few rows; two failures there must not
+    read as an acceptance near zero (which made the controller leave gamma 8 for 4 on
+    the small pair, and then never draft deep enough to correct it)."""
+    a = AdaptiveDraftLength(8)
+    # 8 rows: all pass positions 1-4; 6 fail position 5, 2 pass it and fail position 6.
+    a.observe(StepOutcome(8, 8, 8 + 6 * 4 + 2 * 5, 0.01, accepted=(4,) * 6 + (5,) * 2))
+    p4, p5, p6 = a.position_acceptance[3:6]
+    assert p4 > 0.9
+    assert 0.4 < p5 < 0.6, p5  # 2 of 8 passed, pulled towards position 4's ~1
+    assert 0.25 < p6 < p5, p6  # 0 of 2 passed: mostly what position 5 says
+    for _ in range(30):  # many rows reach position 6 and fail: the evidence wins
+        a.observe(StepOutcome(8, 8, 8 + 8 * 5, 0.01, accepted=(5,) * 8))
+    assert a.position_acceptance[5] < 0.05
+
+
+def test_noisy_step_costs_keep_the_best_length_on_the_small_pairs_acceptance():
+    """Step times that vary (5% per step, 12% between stretches of 20 steps) with the
+    small pair's acceptance: gamma 8 predicts ~9% more tokens/s than gamma 4, and the
+    controller runs it on at least 80% of its predicted steps (69% before deep
+    positions leant on the position before them), over 20 seeded runs."""
+    def engine(seed):
+        return ScriptedEngine(SMALL_PAIR, base=8e-3, per_request=0.0, draft=0.375e-3,
+                              fixed=3.5e-3, seed=seed, jitter=0.05, drift=0.12)
+
+    assert engine(0).best(1, [0, 1, 2, 4, 8]) == 8
+    gain = engine(0).expected_goodput(1, 8) / engine(0).expected_goodput(1, 4)
+    assert 1.05 < gain < 1.12, gain
+    choices = []
+    for seed in range(20):
+        e, a = engine(seed), AdaptiveDraftLength(8)
+        choices += [e.step(a, 1) for _ in range(160)][11:]  # after plain decoding, gamma
+    assert choices.count(8) >= 0.8 * len(choices), {k: choices.count(k) for k in set(choices)}
 
 
 def test_acceptance_model_learns_the_per_position_probabilities():

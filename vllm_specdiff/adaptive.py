@@ -10,8 +10,9 @@ learned from the steps it sees:
   lengths it is interpolated linearly (a step's extra cost grows with the tokens the
   drafter writes and the target scores);
 - **acceptance**: the probability that draft position i is accepted given that
-  position i - 1 was (from each request's accepted count), shared by all buckets, so
-  the expected tokens of a step at draft length k are 1 + a_1 + a_1 a_2 + ...
+  position i - 1 was (from each request's accepted count; a position seen on few rows
+  leans on the one before it), shared by all buckets, so the expected tokens of a step
+  at draft length k are 1 + a_1 + a_1 a_2 + ...
 
 The goodput of draft length k is batch * tokens(k) / cost(k). A new bucket measures
 two arms first: 0 (plain decoding, which costs nothing extra to measure; its cost is
@@ -77,6 +78,7 @@ def bucket_of(batch: int) -> int:
 RECENT = 9  # step costs an arm remembers; their median is its cost
 ACCEPTANCE_DECAY = 0.95  # per step: the acceptance model follows the last ~20 steps
 MIN_EVIDENCE = 8  # drafted rows seen at position 0 before acceptance is predicted from
+PRIOR_ROWS = 4  # pseudo-rows pulling a deep position's acceptance towards the one before
 MEASURED_ROWS = 32  # rows an arm's recent steps must cover before their tokens cap its prediction
 
 
@@ -164,15 +166,24 @@ class AdaptiveDraftLength:
         arm.samples += 1
 
     def _learn_acceptance(self, draft_len: int, accepted: tuple[int, ...]) -> None:
-        """Decayed counts of requests that reached and passed each position; the estimate
-        is (passed + 1/2) / (reached + 1), so a handful of rows cannot pin it to 0 or 1."""
+        """Decayed counts of requests that reached and passed each position. The first
+        position's estimate is (passed + 1/2) / (reached + 1); a later position's is
+        (passed + m a) / (reached + m), ``m = PRIOR_ROWS`` pseudo-rows at the estimate
+        a of the position before it. Deep positions are reached by few rows (only those
+        whose every earlier token passed), and two failures there would otherwise read
+        as an acceptance near 0. With the small pair's acceptance and noisy step costs
+        the controller then ran gamma 4 instead of the better 8 on a quarter of its
+        steps (tests/test_units.py), and gamma 4 never drafts deep enough to learn
+        otherwise."""
         for i in range(min(draft_len, self.gamma)):
             reached = sum(a >= i for a in accepted)
             if not reached:
                 break
             self._reached[i] = ACCEPTANCE_DECAY * self._reached[i] + reached
             self._passed[i] = ACCEPTANCE_DECAY * self._passed[i] + sum(a > i for a in accepted)
-            self.position_acceptance[i] = (self._passed[i] + 0.5) / (self._reached[i] + 1.0)
+            prior, rows = (0.5, 1.0) if i == 0 else (self.position_acceptance[i - 1], PRIOR_ROWS)
+            self.position_acceptance[i] = ((self._passed[i] + rows * prior)
+                                           / (self._reached[i] + rows))
             self.position_evidence[i] += reached
 
     # -- model ---------------------------------------------------------------------
