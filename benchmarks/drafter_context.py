@@ -4,12 +4,15 @@
 
 The drafter alone (no engine), the way the proposer runs it in a decode step: every
 request's context grows by ``--accepted`` + 1 tokens a step and the drafter drafts
-gamma tokens in T passes. Two ways to see a context of L tokens:
+gamma tokens in T passes. Three ways to see a context of L tokens:
 
 - ``window``: no cache, every pass re-encodes the last W = L context tokens plus the
   draft block (what ``drafter_cache: off`` does): cost grows with L;
 - ``cache``: the drafter cache (exact for a block-causal drafter): a step encodes the
-  new tokens and the block, later passes only the block: flat in L but for attention.
+  new tokens and the block, later passes only the block: flat in L but for attention;
+- ``cache, last W``: the drafter cache holding only ``--window`` W tokens, as when a
+  context outgrows the drafter's window (W = model_length - gamma at most): each step
+  overwrites a slot's oldest columns, and must cost what a context that fits does.
 
 Cells: median ms per drafting step over ``--steps`` steps after warm-up, [min-max] of
 ``--repeats`` medians. Result: benchmarks/results/drafter_context.{md,json}.
@@ -75,6 +78,8 @@ def main(argv=None) -> int:
     p.add_argument("--accepted", type=int, default=3, help="draft tokens accepted per step")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--window", type=int, default=64,
+                   help="the 'cache, last W' column's cache size (below the longest context)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(RESULTS / "drafter_context"))
     args = p.parse_args(argv)
@@ -89,22 +94,23 @@ def main(argv=None) -> int:
     for T in args.diffusion_steps:
         for batch in args.batches:
             growth = (args.steps + 2) * (args.accepted + 1)
-            cache = DrafterCache(model.config, batch, longest + growth,
-                                 next(model.parameters()).dtype)
+            dtype = next(model.parameters()).dtype
+            caches = {"window": None,
+                      "cache": DrafterCache(model.config, batch, longest + growth, dtype),
+                      "ring": DrafterCache(model.config, batch, args.window, dtype)}
             for L in args.contexts:
                 row = {"T": T, "batch": batch, "context": L}
-                for how in ("window", "cache"):
+                for how, cache in caches.items():
                     drafter = DiffusionDrafter(model, T, "left_to_right", context_window=L,
                                                max_positions=longest + growth + args.gamma)
                     with torch.inference_mode():
                         runs = [time_steps(drafter, batch, L, args.gamma, args.accepted,
-                                           args.steps, cache if how == "cache" else None,
-                                           seed=r) * 1e3 for r in range(args.repeats)]
+                                           args.steps, cache, seed=r) * 1e3
+                                for r in range(args.repeats)]
                     row[how] = runs
                 cells.append(row)
-                print(f"T={T} batch={batch} context={L}: window "
-                      f"{statistics.median(row['window']):.2f} ms, cache "
-                      f"{statistics.median(row['cache']):.2f} ms", flush=True)
+                print(f"T={T} batch={batch} context={L}: " + ", ".join(
+                    f"{how} {statistics.median(row[how]):.2f} ms" for how in caches), flush=True)
     env = environment("drafter_context.py", sys.argv[1:] if argv is None else argv)
     env["settings"] = {k: v for k, v in vars(args).items() if k != "out"}
     env["drafter_config"] = model.config.to_dict()
@@ -130,15 +136,18 @@ def report(cells, env, args) -> str:
         f"path sees the last L), {args.threads} torch "
         f"threads. Milliseconds per drafting step: median of {args.steps} steps, median "
         f"[min-max] of {args.repeats} repeats. `window`: every pass re-encodes the last L "
-        "tokens (drafter_cache off); `cache`: the drafter cache.",
+        "tokens (drafter_cache off); `cache`: the drafter cache; `cache, last W`: a "
+        f"drafter cache of W = {args.window} tokens, which every context here outgrows "
+        "(the last W tokens are kept).",
         "",
-        "| T | batch | context L | window ms | cache ms | window / cache |",
-        "|---:|---:|---:|---:|---:|---:|",
+        f"| T | batch | context L | window ms | cache ms | window / cache | "
+        f"cache, last {args.window} ms |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in cells:
         ratio = statistics.median(c["window"]) / statistics.median(c["cache"])
         lines.append(f"| {c['T']} | {c['batch']} | {c['context']} | {cell(c['window'])} | "
-                     f"{cell(c['cache'])} | {ratio:.2f}x |")
+                     f"{cell(c['cache'])} | {ratio:.2f}x | {cell(c['ring'])} |")
     lines += ["", f"Commit {env['commit']}, {env['date']}, {env['cpu']}.",
               f"Command: `{env['command']}`", ""]
     return "\n".join(lines)
