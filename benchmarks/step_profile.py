@@ -18,7 +18,8 @@ Per cell: ``b`` prompts (held-out TinyStories openings) submitted together to an
 engine with ``max_num_seqs = b``, 128 new tokens each, greedy unless ``--temperature``.
 "Other" is the step's time outside every timed part (Python glue between them).
 ``--pair small``: the small pair's target with ``ngram``, ``specdiff`` at gamma 4 and 8
-(T 1, fixed) and vLLM's ``draft_model`` with the small AR drafter.
+(T 1, fixed), its defaults and its defaults with drafting switched off (the floor), and
+vLLM's ``draft_model`` with the small AR drafter.
 Results: benchmarks/results/step_profile[_<pair>][_quick].{md,json}.
 """
 
@@ -147,13 +148,16 @@ def methods(quick: bool, pair: str) -> dict[str, dict | None]:
 
     from vllm_specdiff.config import SpecDiffConfig
 
-    if pair != "tiny":
-        fixed = [specdiff(4, 1, adaptive=False), specdiff(8, 1, adaptive=False), draft_model(8)]
-        return {"none": None, "ngram g4": ngram(4).speculative_config,
-                **{m.name.replace(" adaptive=False", " fixed"): on_pair(m, PAIRS[pair]).speculative_config
-                   for m in fixed}}
     d = SpecDiffConfig()
     default = specdiff(d.num_speculative_tokens, d.diffusion_steps).speculative_config
+    if pair != "tiny":
+        fixed = [specdiff(4, 1, adaptive=False), specdiff(8, 1, adaptive=False), draft_model(8)]
+        default = on_pair(specdiff(d.num_speculative_tokens, d.diffusion_steps),
+                          PAIRS[pair]).speculative_config
+        return {"none": None, "ngram g4": ngram(4).speculative_config,
+                **{m.name.replace(" adaptive=False", " fixed"): on_pair(m, PAIRS[pair]).speculative_config
+                   for m in fixed},
+                f"specdiff default (g{d.gamma} T{d.diffusion_steps})": default, FLOOR: default}
     out = {"none": None, "ngram g4": ngram(4).speculative_config,
            f"specdiff default (g{d.gamma} T{d.diffusion_steps})": default,
            FLOOR: default}  # the floor: the same engine, drafting switched off
