@@ -142,6 +142,11 @@ def _pure_decode(out) -> bool:
 FLOOR = "specdiff, draft length 0"
 
 
+def defaults(d, config: dict) -> dict[str, dict]:
+    """specdiff's defaults and its floor: the same engine, drafting switched off."""
+    return {f"specdiff default (g{d.gamma} T{d.diffusion_steps})": config, FLOOR: config}
+
+
 def methods(quick: bool, pair: str) -> dict[str, dict | None]:
     """Settings pinned as spec_bench.py pins them (every default written out)."""
     from spec_bench import PAIRS, draft_model, ngram, on_pair, specdiff
@@ -149,18 +154,15 @@ def methods(quick: bool, pair: str) -> dict[str, dict | None]:
     from vllm_specdiff.config import SpecDiffConfig
 
     d = SpecDiffConfig()
-    default = specdiff(d.num_speculative_tokens, d.diffusion_steps).speculative_config
+    default = specdiff(d.num_speculative_tokens, d.diffusion_steps)
     if pair != "tiny":
         fixed = [specdiff(4, 1, adaptive=False), specdiff(8, 1, adaptive=False), draft_model(8)]
-        default = on_pair(specdiff(d.num_speculative_tokens, d.diffusion_steps),
-                          PAIRS[pair]).speculative_config
         return {"none": None, "ngram g4": ngram(4).speculative_config,
                 **{m.name.replace(" adaptive=False", " fixed"): on_pair(m, PAIRS[pair]).speculative_config
                    for m in fixed},
-                f"specdiff default (g{d.gamma} T{d.diffusion_steps})": default, FLOOR: default}
+                **defaults(d, on_pair(default, PAIRS[pair]).speculative_config)}
     out = {"none": None, "ngram g4": ngram(4).speculative_config,
-           f"specdiff default (g{d.gamma} T{d.diffusion_steps})": default,
-           FLOOR: default}  # the floor: the same engine, drafting switched off
+           **defaults(d, default.speculative_config)}
     if not quick:
         out["specdiff g8 T1 fixed"] = specdiff(8, 1, adaptive=False).speculative_config
     return out
