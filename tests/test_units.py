@@ -304,8 +304,9 @@ SMALL_PAIR = [0.81, 0.80, 0.72, 0.68, 0.72, 0.78, 0.83, 0.87]
 def test_a_deep_position_seen_on_few_rows_leans_on_the_position_before():
     """Rows reach position i only as often as every position before it passes, so the
     deep positions of a long draft are seen on few rows; two failures there must not
-    read as an acceptance near zero (which made the controller leave gamma 8 for 4 on
-    the small pair, and then never draft deep enough to correct it)."""
+    read as an acceptance near zero (in the scripted runs of the next test, that left
+    gamma 8 for 4 on a quarter of the steps, and gamma 4 never drafts deep enough to
+    correct it)."""
     a = AdaptiveDraftLength(8)
     # 8 rows: all pass positions 1-4; 6 fail position 5, 2 pass it and fail position 6.
     a.observe(StepOutcome(8, 8, 8 + 6 * 4 + 2 * 5, 0.01, accepted=(4,) * 6 + (5,) * 2))
@@ -321,7 +322,7 @@ def test_a_deep_position_seen_on_few_rows_leans_on_the_position_before():
 def test_noisy_step_costs_keep_the_best_length_on_the_small_pairs_acceptance():
     """Step times that vary (5% per step, 12% between stretches of 20 steps) with the
     small pair's acceptance: gamma 8 predicts ~9% more tokens/s than gamma 4, and the
-    controller runs it on at least 80% of its predicted steps (69% before deep
+    controller runs it on at least 80% of its predicted steps (70% before deep
     positions leant on the position before them), over 20 seeded runs."""
     def engine(seed):
         return ScriptedEngine(SMALL_PAIR, base=8e-3, per_request=0.0, draft=0.375e-3,
