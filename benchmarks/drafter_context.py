@@ -91,10 +91,9 @@ def main(argv=None) -> int:
         p.error(f"--contexts up to {longest} + {growth} tokens of growth + gamma {args.gamma} "
                 f"exceed the drafter's model_length {model.config.model_length}")
     cells = []
+    dtype = next(model.parameters()).dtype
     for T in args.diffusion_steps:
         for batch in args.batches:
-            growth = (args.steps + 2) * (args.accepted + 1)
-            dtype = next(model.parameters()).dtype
             caches = {"window": None,
                       "cache": DrafterCache(model.config, batch, longest + growth, dtype),
                       "ring": DrafterCache(model.config, batch, args.window, dtype)}

@@ -127,9 +127,8 @@ class DrafterCache:
         """bool [len(slots), width]: which of each slot's first ``width`` columns a
         pass over a context of ``n`` tokens attends to (a token among its last
         ``window``)."""
-        written = self.written[slots][:, None]
-        held = np.minimum(written, self.capacity)
-        oldest = written - held  # offset of the oldest token held
+        held = self.lengths[slots][:, None]
+        oldest = self.written[slots][:, None] - held  # offset of the oldest token held
         cols = np.arange(width)[None, :]
         index = self.starts[slots][:, None] + oldest + (cols - oldest) % self.capacity
         return (cols < held) & (index >= (n - self.window)[:, None])
