@@ -20,12 +20,17 @@ run), greedy, per category. Methods, every setting pinned and printed:
   the tokens before them in view), and with W = 16 and no cache (same drafter: what
   the context alone changes).
 
+``--lookup``: the question of prompt lookup beside the MDLM instead (specdiff's
+``prompt_lookup_min``): the pair's drafter at its default settings with lookup off
+(``prompt_lookup_min=0``, the MDLM drafts every row) and with n-grams of at least 2,
+3 and 4 tokens copied from the context, against ``ngram`` g4/g8.
+
 ``--pair small``: the small pair has a block-causal drafter only, so its rows are the
 last three (whole context, W = 16 cached, W = 16 uncached) and the default
 ``context_window: auto`` (the drafter's own window, 256 tokens for
 ``models/small-mdlm``), with ``models/small-mdlm`` on ``models/small-target``.
 
-Result: benchmarks/results/context_bench[_small].{md,json}.
+Result: benchmarks/results/context_bench[_small][_lookup].{md,json}.
 """
 
 from __future__ import annotations
@@ -52,7 +57,10 @@ BLOCK_CAUSAL = ROOT / "models" / "tiny-mdlm-block-causal"
 WHOLE = None  # context_window null: the whole context
 
 
-def methods(gamma: int, pair: str) -> list:
+def methods(gamma: int, pair: str, lookup: bool = False) -> list:
+    if lookup:
+        return [on_pair(m, PAIRS[pair]) for m in [NONE, ngram(4), ngram(8)] + [
+            specdiff(gamma, 1, prompt_lookup_min=n) for n in (0, 2, 3, 4)]]
     if pair != "tiny":
         return [on_pair(m, PAIRS[pair]) for m in [
             NONE, ngram(4), ngram(8),
@@ -83,11 +91,14 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-engines", type=int, default=5)
     ap.add_argument("--pair", choices=sorted(PAIRS), default="tiny")
+    ap.add_argument("--lookup", action="store_true",
+                    help="prompt lookup beside the MDLM (off, n >= 2, 3, 4) instead")
     ap.add_argument("--out", default=None,
-                    help="result stem (default benchmarks/results/context_bench[_<pair>])")
+                    help="result stem (default benchmarks/results/context_bench[_<pair>][_lookup])")
     args = ap.parse_args(argv)
-    args.out = args.out or str(RESULTS / ("context_bench" + ("" if args.pair == "tiny"
-                                                             else f"_{args.pair}")))
+    args.out = args.out or str(RESULTS / ("context_bench" + ("" if args.pair == "tiny" else
+                                                             f"_{args.pair}")
+                                          + ("_lookup" if args.lookup else "")))
     if PAIRS[args.pair].missing():
         ap.error(f"--pair {args.pair}: missing {PAIRS[args.pair].missing()}")
     from transformers import AutoTokenizer
@@ -99,7 +110,7 @@ def main(argv=None) -> int:
             by_cat[cat].append(ids)
     started = time.time()
     log = lambda msg: print(f"[{(time.time() - started) / 60:5.1f} min] {msg}", flush=True)  # noqa: E731
-    all_methods = methods(args.gamma, args.pair)
+    all_methods = methods(args.gamma, args.pair, args.lookup)
     cells = []
     for g, group in enumerate(groups_of(all_methods, args.max_engines)):
         log(f"starting {len(group)} engines: {[m.name for m in group]}")
@@ -121,10 +132,19 @@ def main(argv=None) -> int:
     return 0
 
 
+def copied_share(cell) -> str:
+    """' (c N%)': the share of drafted rows prompt lookup drafted (specdiff with lookup on)."""
+    rows = cell.get("rows_drafted") or {}
+    if not cell["config"] or not cell["config"].get("prompt_lookup_min") or not sum(rows.values()):
+        return ""
+    return f" (c {100 * rows.get('lookup', 0) / sum(rows.values()):.0f}%)"
+
+
 def report(cells, env, args, minutes, categories) -> str:
     names = list(dict.fromkeys(c["method"] for c in cells))
     lines = [
-        "# The drafter's context: 16-token window vs whole context, per category", "",
+        "# " + ("Prompt lookup beside the MDLM" if args.lookup else
+               "The drafter's context: 16-token window vs whole context") + ", per category", "",
         f"Command: `{env['command']}`  ", f"Commit: {env['commit']}  ",
         f"Date: {env['date']}; wall time {minutes:.0f} min  ",
         f"Machine: {env['cpu']}, {env['cores']} cores, torch threads {env['torch_threads']}; "
@@ -134,7 +154,8 @@ def report(cells, env, args, minutes, categories) -> str:
         f"last {args.prompt_tokens} tokens; held-out TinyStories openings), {args.max_tokens} "
         f"new tokens each; one warm-up round, then {args.repeats} interleaved repeats.", "",
         "Cells: tau (mean tokens per verification step) / speedup over plain decoding, "
-        "median of per-repeat ratios [min-max].", "",
+        "median of per-repeat ratios [min-max]; specdiff with prompt lookup: (c N%) = the "
+        "share of its drafted rows that copied from the context instead of the MDLM.", "",
         "| method | " + " | ".join(categories) + " | all (mean speedup) |",
         "|---|" + "---|" * (len(categories) + 1)]
     for name in names:
@@ -147,7 +168,8 @@ def report(cells, env, args, minutes, categories) -> str:
             s = c["speedup"]
             speedups.append(statistics.median(s))
             tau = "-" if c["tau"] is None else f"{c['tau']:.2f}"
-            row.append(f"{tau} / {statistics.median(s):.2f}x [{min(s):.2f}-{max(s):.2f}]")
+            row.append(f"{tau} / {statistics.median(s):.2f}x [{min(s):.2f}-{max(s):.2f}]"
+                       + copied_share(c))
         lines.append(f"| {name} | " + " | ".join(row) + f" | {statistics.mean(speedups):.2f}x |")
     lines += ["", "Plain decoding tokens/s per category: " + ", ".join(
         f"{c['category']} {fmt(c['tokens_per_s'])}" for c in cells if c["family"] == "none"), "",

@@ -210,6 +210,7 @@ def engine_process(conn, method: Method, max_num_seqs: int) -> None:
         inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
         before, steps[:], drafter_before = from_metrics(llm.get_metrics()), [], drafter_seconds[0]
         chosen.clear()
+        sources_before = collections.Counter(getattr(drafter, "rows_drafted", {}))
         start = time.perf_counter()
         if arrive_after is None:
             outputs = llm.generate(inputs, params, use_tqdm=False)
@@ -222,6 +223,8 @@ def engine_process(conn, method: Method, max_num_seqs: int) -> None:
                    "mean_running": statistics.mean(steps) if steps else 0.0,
                    "drafter_seconds": drafter_seconds[0] - drafter_before,
                    "draft_lens": dict(chosen),
+                   "rows_drafted": dict(collections.Counter(getattr(drafter, "rows_drafted", {}))
+                                        - sources_before),
                    "drafts": stats.drafts, "accepted": stats.accepted_tokens,
                    "per_position": stats.accepted_per_position})
     llm.llm_engine.engine_core.shutdown()
@@ -361,6 +364,8 @@ def summarise(methods, runs, batch, temperature) -> list[dict]:
             "per_position": per_pos,
             "drafter_share": sum(r["drafter_seconds"] for r in rs) / sum(r["seconds"] for r in rs),
             "draft_lens": draft_len_shares(rs),
+            "rows_drafted": dict(sum((collections.Counter(r.get("rows_drafted", {}))
+                                      for r in rs), collections.Counter())),
             "same_as_plain": (all(r["outputs"] == b["outputs"] for r, b in zip(rs, base))
                               if temperature == 0 else None)})
     return cells

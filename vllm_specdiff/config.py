@@ -18,6 +18,7 @@ MAX_GAMMA = 64
 DRAFTER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 WARMUP_METHODS = ("none", "ngram", "specdiff")
 DRAFTER_CACHES = ("auto", "exact", "approximate", "off")
+PROMPT_LOOKUP = (0, 8)  # default n-gram sizes (min, max) copied from the context
 NULL_MEANS_SOMETHING = ("context_window", "draft_temperature")  # whole context; follow requests
 ADDITIONAL_CONFIG_KEY = "specdiff"  # where the settings travel in vLLM's additional_config
 
@@ -70,6 +71,14 @@ class SpecDiffConfig(NamedTuple):
     warmup_tokens: int = 8
     # none (no speculation) | ngram (prompt lookup) | specdiff, for warm-up tokens.
     warmup_method: str = "ngram"
+    # Prompt lookup beside the MDLM: a request whose last n tokens (prompt_lookup_min <=
+    # n <= prompt_lookup_max) occurred earlier in its context drafts the tokens that
+    # followed them (vLLM's n-gram proposer, verified as a point mass) instead of the
+    # MDLM's draft; the MDLM drafts the other requests. Copying costs microseconds and
+    # wins where the output repeats its context (summaries, RAG, a looping target).
+    # prompt_lookup_min 0: the MDLM drafts every request.
+    prompt_lookup_min: int = PROMPT_LOOKUP[0]
+    prompt_lookup_max: int = PROMPT_LOOKUP[1]
     # Filled at engine start (the resolved drafter folder), not by users.
     drafter_path: str = ""
 
@@ -140,5 +149,12 @@ class SpecDiffConfig(NamedTuple):
             fail("warmup_tokens", "must be an integer >= 0")
         if self.warmup_method not in WARMUP_METHODS:
             fail("warmup_method", f"must be one of {list(WARMUP_METHODS)}")
+        if not is_int(self.prompt_lookup_min) or self.prompt_lookup_min < 0:
+            fail("prompt_lookup_min", "must be an integer >= 0 (the shortest n-gram copied "
+                 "from the context; 0 = the MDLM drafts every request)")
+        if not is_int(self.prompt_lookup_max) or not (
+                max(1, self.prompt_lookup_min) <= self.prompt_lookup_max <= MAX_GAMMA):
+            fail("prompt_lookup_max", "must be an integer in [max(1, prompt_lookup_min="
+                 f"{self.prompt_lookup_min}), {MAX_GAMMA}] (the longest n-gram matched)")
         if not isinstance(self.model, str) or not self.model:
             fail("model", "the drafter: a folder, a cached Hugging Face repo id, or 'mdlm'")

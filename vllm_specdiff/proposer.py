@@ -5,12 +5,14 @@ vLLM's model runner calls the proposer after each step with the tokens just samp
 (one batched diffusion call) and the distribution q each was drawn from, which the
 runner patch in ``patches.py`` hands to the verifier (vLLM drops q for custom
 proposers). A step has three parts: triage the rows (``plan_rows``), draft them
-(MDLM, or vLLM's n-gram proposer for a request's first tokens), and name the rows
-that are verified against q (``draft_q``; the others are point masses).
+(vLLM's n-gram proposer for a request's first tokens and for rows whose recent tokens
+recur in their context, the MDLM for the rest), and name the rows that are verified
+against q (``draft_q``; the others are point masses).
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from dataclasses import dataclass
@@ -105,7 +107,10 @@ class SpecDiffProposer:
         self.cache: DrafterCache | None = None  # per-request context cache, if on
         self.exact_cache = False
         self.adaptive = AdaptiveDraftLength(self.config.gamma, enabled=self.config.adaptive)
-        self.ngram = None
+        self.ngram = None  # warm-up drafts
+        self.lookup = None  # prompt lookup beside the MDLM
+        # Rows drafted by each source ('warmup', 'lookup', 'mdlm') since the start.
+        self.rows_drafted: collections.Counter = collections.Counter()
         self.tp_group = None  # vLLM's tensor-parallel group when it has more than one rank
         self._draft_generators: dict[str, torch.Generator] = {}
         self._last_step: LastStep | None = None
@@ -138,19 +143,25 @@ class SpecDiffProposer:
                 model.config, self.vllm_config.scheduler_config.max_num_seqs, window, dtype,
                 device)
         if self.config.warmup_tokens and self.config.warmup_method == "ngram":
-            self.ngram = make_ngram_proposer(self.vllm_config, self.config.gamma)
+            self.ngram = make_ngram_proposer(self.vllm_config, self.config.gamma, NGRAM_SIZES)
+        if self.config.prompt_lookup_min:
+            self.lookup = make_ngram_proposer(
+                self.vllm_config, self.config.gamma,
+                (self.config.prompt_lookup_min, self.config.prompt_lookup_max))
         if self.vllm_config.parallel_config.tensor_parallel_size > 1:
             from vllm.distributed import get_tp_group
 
             self.tp_group = get_tp_group()
         logger.info(
             "specdiff: drafter %s (%.1fM params, %s, %s) gamma=%d T=%d schedule=%s W=%d "
-            "cache=%s adaptive=%s", self.config.drafter_path, model.num_parameters() / 1e6,
+            "cache=%s adaptive=%s prompt lookup=%s", self.config.drafter_path, model.num_parameters() / 1e6,
             dtype, model.config.attention, gamma, self.config.diffusion_steps,
             self.config.schedule, window,
             "off" if self.cache is None else "exact" if self.exact_cache else
             f"approximate (refresh every {self.config.cache_refresh_steps} steps)",
             self.config.adaptive,
+            f"n-grams of {self.config.prompt_lookup_min}-{self.config.prompt_lookup_max}"
+            if self.lookup is not None else "off",
         )
 
     def propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu,
@@ -198,9 +209,18 @@ class SpecDiffProposer:
         lengths = {i: self.config.gamma if generators.get(i) is not None else draft_len
                    for i in plan.mdlm + plan.ngram}
         if plan.ngram and self.ngram is not None:
-            self._draft_ngram(plan.ngram, lengths, sampled_token_ids, num_tokens_no_spec,
-                              token_ids_cpu, token_ids)
+            self._draft_ngram(self.ngram, plan.ngram, lengths, sampled_token_ids,
+                              num_tokens_no_spec, token_ids_cpu, token_ids)
+            self.rows_drafted["warmup"] += len(plan.ngram)
         mdlm_rows = [i for i in plan.mdlm if lengths[i] > 0]
+        if mdlm_rows and self.lookup is not None:
+            self._draft_ngram(self.lookup, mdlm_rows, lengths, sampled_token_ids,
+                              num_tokens_no_spec, token_ids_cpu, token_ids)
+            copied = sum(1 for i in mdlm_rows if token_ids[i])
+            self.rows_drafted["lookup"] += copied
+            if copied:
+                mdlm_rows = [i for i in mdlm_rows if not token_ids[i]]
+        self.rows_drafted["mdlm"] += len(mdlm_rows)
         if not mdlm_rows:
             return Proposal(token_ids)
         rows = np.array(mdlm_rows)
@@ -258,14 +278,17 @@ class SpecDiffProposer:
             out[i] = self._draft_generators[rid]
         return out
 
-    def _draft_ngram(self, rows, lengths, sampled, num_tokens_no_spec, token_ids_cpu,
+    @staticmethod
+    def _draft_ngram(ngram, rows, lengths, sampled, num_tokens_no_spec, token_ids_cpu,
                      token_ids) -> None:
+        """Prompt-lookup drafts for ``rows`` (each at most its length; a row with no
+        match keeps an empty draft)."""
         longest = max(lengths[i] for i in rows)
         if longest == 0:
             return
         wanted = {i for i in rows if lengths[i]}
         only = [s if i in wanted else [] for i, s in enumerate(sampled)]
-        proposals = self.ngram.propose(longest, only, num_tokens_no_spec, token_ids_cpu)
+        proposals = ngram.propose(longest, only, num_tokens_no_spec, token_ids_cpu)
         for i in rows:
             token_ids[i] = list(proposals[i])[: lengths[i]]
 
@@ -281,9 +304,10 @@ def draft_q(draft: Draft, mdlm_rows: list[int], token_ids: list[list[int]]) -> D
     return DraftQ(draft.probs, row_of) if row_of else None
 
 
-def make_ngram_proposer(vllm_config, gamma: int):
-    """vLLM's prompt-lookup proposer for warm-up drafts, built from its own config type
-    (an ngram SpeculativeConfig) on a shallow copy of the engine's config."""
+def make_ngram_proposer(vllm_config, gamma: int, sizes: tuple[int, int]):
+    """vLLM's prompt-lookup proposer matching n-grams of ``sizes`` (min, max) tokens,
+    built from its own config type (an ngram SpeculativeConfig) on a shallow copy of
+    the engine's config."""
     import copy
 
     from vllm.config import SpeculativeConfig
@@ -292,7 +316,7 @@ def make_ngram_proposer(vllm_config, gamma: int):
     spec = vllm_config.speculative_config
     ngram = SpeculativeConfig(
         method="ngram", num_speculative_tokens=gamma,
-        prompt_lookup_min=NGRAM_SIZES[0], prompt_lookup_max=NGRAM_SIZES[1],
+        prompt_lookup_min=sizes[0], prompt_lookup_max=sizes[1],
         target_model_config=spec.target_model_config,
         target_parallel_config=spec.target_parallel_config)
     config = copy.copy(vllm_config)
