@@ -32,6 +32,7 @@ def reference_outputs():
 
 
 def run_specdiff(max_num_seqs, spec=SPEC):
+    """Outputs, vLLM's spec-decode counters, and the rows each source drafted."""
     from vllm import LLM
 
     from vllm_specdiff.metrics import from_metrics
@@ -41,9 +42,11 @@ def run_specdiff(max_num_seqs, spec=SPEC):
     try:
         outputs = generate(llm)
         stats = from_metrics(llm.get_metrics())
+        proposer = llm.llm_engine.model_executor.driver_worker.worker.model_runner.drafter
+        rows_drafted = dict(proposer.rows_drafted)
     finally:
         close_engine(llm)
-    return outputs, stats
+    return outputs, stats, rows_drafted
 
 
 VARIANTS = {
@@ -52,14 +55,17 @@ VARIANTS = {
     "confidence-T4-ngram-warmup": {"schedule": "confidence", "diffusion_steps": 4,
                                    "warmup_tokens": 8, "warmup_method": "ngram"},
     "random-T3-no-adaptive": {"schedule": "random", "diffusion_steps": 3, "adaptive": False},
+    # rows whose last 2+ tokens recur copy from the context, the others draft with the MDLM
+    "prompt-lookup": {"prompt_lookup_min": 2, "prompt_lookup_max": 8, "warmup_tokens": 0},
 }
 
 
 @pytest.mark.parametrize("max_num_seqs,variant", [(16, "default"), (1, "default"),
                                                   (4, "confidence-T4-ngram-warmup"),
-                                                  (8, "random-T3-no-adaptive")])
+                                                  (8, "random-T3-no-adaptive"),
+                                                  (8, "prompt-lookup")])
 def test_greedy_output_identical_to_target_alone(reference_outputs, max_num_seqs, variant):
-    outputs, stats = run_specdiff(max_num_seqs, {**SPEC, **VARIANTS[variant]})
+    outputs, stats, rows_drafted = run_specdiff(max_num_seqs, {**SPEC, **VARIANTS[variant]})
     assert len(outputs) == len(PROMPTS) >= 16
     for prompt, ref, out in zip(PROMPTS, reference_outputs, outputs):
         assert len(out) == MAX_TOKENS
@@ -75,4 +81,6 @@ def test_greedy_output_identical_to_target_alone(reference_outputs, max_num_seqs
     # Every generated token came from a target pass: accepted drafts + one per pass.
     total = sum(len(o) for o in outputs)
     assert stats.accepted_tokens < total
-    print(f"max_num_seqs={max_num_seqs} {variant}: {stats.summary()}")
+    if variant == "prompt-lookup":  # both sources drafted rows: the mix is what is tested
+        assert rows_drafted.get("lookup", 0) > 0 and rows_drafted.get("mdlm", 0) > 0, rows_drafted
+    print(f"max_num_seqs={max_num_seqs} {variant}: {stats.summary()}; rows {rows_drafted}")

@@ -165,23 +165,37 @@ def test_mixed_batch_negative_control_one_temperature_for_all_rows(llm, monkeypa
 REPETITIVE_PROMPT = "The cat sat on the mat. The dog sat on the mat. The cat sat on the"
 
 
-def test_ngram_warmup_drafts_are_exact_too():
-    """Warm-up tokens drafted by vLLM's n-gram proposer (no q) are verified as
-    point masses; the output distribution stays the target's."""
+POINT_MASS_SOURCES = {
+    # a request's first tokens drafted by vLLM's n-gram proposer
+    "warmup": {"warmup_tokens": 8, "warmup_method": "ngram"},
+    # rows whose last 2+ tokens recur in their context copy from it; the others draft
+    # with the MDLM (q) in the same batch
+    "lookup": {"warmup_tokens": 0, "prompt_lookup_min": 2, "prompt_lookup_max": 4},
+}
+
+
+@pytest.mark.parametrize("source", sorted(POINT_MASS_SOURCES))
+def test_ngram_drafts_are_exact_too(source):
+    """Drafts copied by vLLM's n-gram proposer (no q) are verified as point masses;
+    the output distribution stays the target's."""
     from vllm import LLM
 
     from vllm_specdiff.metrics import from_metrics
 
     spec = {"method": "specdiff", "model": str(DRAFTER), "num_speculative_tokens": 4,
-            "adaptive": False, "warmup_tokens": 8, "warmup_method": "ngram"}
+            "adaptive": False, "prompt_lookup_min": 0, **POINT_MASS_SOURCES[source]}
     engine = LLM(model=str(TARGET), speculative_config=spec,
                  **engine_kwargs(max_num_seqs=256, enable_prefix_caching=True))
     try:
         samples = sample(engine, prompt=REPETITIVE_PROMPT)
         stats = from_metrics(engine.get_metrics())
+        rows = engine.llm_engine.model_executor.driver_worker.worker.model_runner.drafter.rows_drafted
     finally:
         close_engine(engine)
     (pvalue, dof), _ = pvalues(samples, REPETITIVE_PROMPT)
-    print(f"n-gram warm-up: chi-square p={pvalue:.3g} dof={dof}; {stats.summary()}")
+    print(f"n-gram {source}: chi-square p={pvalue:.3g} dof={dof}; {stats.summary()}; rows {dict(rows)}")
     assert stats.accepted_tokens > 0.02 * NUM_SAMPLES, "n-gram drafts must be accepted at times"
+    assert rows[source] > 0.02 * NUM_SAMPLES
+    if source == "lookup":
+        assert rows["mdlm"] > 0.02 * NUM_SAMPLES, "the batch must mix copied and MDLM rows"
     assert dof >= 5 and pvalue > ALPHA

@@ -27,6 +27,9 @@ BAD_SETTINGS = [
     ({"diffusion_stepz": 2}, "unknown setting", "diffusion_steps"),
     ({"drafter_cache": "always"}, "drafter_cache", "approximate"),
     ({"cache_refresh_steps": 0}, "cache_refresh_steps", ">= 1"),
+    ({"prompt_lookup_min": -1}, "prompt_lookup_min", ">= 0"),
+    ({"prompt_lookup_min": 4, "prompt_lookup_max": 3}, "prompt_lookup_max", "[max(1, prompt_lookup_min=4), 64]"),
+    ({"prompt_lookup_max": 0}, "prompt_lookup_max", "[max(1, prompt_lookup_min="),
 ]
 
 

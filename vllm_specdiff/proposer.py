@@ -57,7 +57,8 @@ class LastStep(NamedTuple):
     draft_len: int
     batch: int
     started: float  # perf_counter at drafting
-    full_drafts: frozenset  # requests the MDLM drafted draft_len tokens for
+    full_drafts: frozenset = frozenset()  # requests the MDLM drafted draft_len tokens for
+    copied: frozenset = frozenset()  # requests whose draft prompt lookup copied
 
 
 @dataclass
@@ -186,14 +187,18 @@ class SpecDiffProposer:
         if use_cache:
             self.cache.release_all_but(input_batch.req_ids)
         last = self._last_step
-        if last is not None and pure_decode:
-            # Acceptance is learned from the rows the MDLM drafted at the chosen length
-            # only (not from n-gram warm-up rows or rows cut short by the length limit).
+        if last is not None and pure_decode and len(last.copied) < last.batch:
+            # The controller weighs the MDLM's drafts against plain decoding, so a step
+            # whose every row copied says nothing to it, and a copied row counts as the
+            # one token plain decoding would have made. Acceptance is learned from the
+            # rows the MDLM drafted at the chosen length only (not from n-gram rows or
+            # rows cut short by the length limit).
             req_ids = input_batch.req_ids if input_batch is not None else ()
             accepted = tuple(len(s) - 1 for rid, s in zip(req_ids, sampled_token_ids)
                              if s and rid in last.full_drafts)
-            self.adaptive.observe(StepOutcome(last.batch, last.draft_len,
-                                              sum(len(s) for s in sampled_token_ids),
+            tokens = sum(1 if rid in last.copied else len(s)
+                         for rid, s in zip(req_ids, sampled_token_ids) if s)
+            self.adaptive.observe(StepOutcome(last.batch, last.draft_len, tokens,
                                               now - last.started, accepted))
         warmup = (self.config.warmup_tokens if input_batch is not None
                   and self.config.warmup_method != "specdiff" else 0)
@@ -201,7 +206,7 @@ class SpecDiffProposer:
                          None if input_batch is None else input_batch.num_prompt_tokens,
                          self.max_model_len, warmup)
         draft_len = self._agreed_draft_len(plan.batch)
-        self._last_step = LastStep(draft_len, plan.batch, now, frozenset())
+        self._last_step = LastStep(draft_len, plan.batch, now)
         token_ids: list[list[int]] = [[] for _ in sampled_token_ids]
         generators = self._generators(input_batch)
         # Seeded requests always draft the full gamma: their random streams are then
@@ -212,14 +217,20 @@ class SpecDiffProposer:
             self._draft_ngram(self.ngram, plan.ngram, lengths, sampled_token_ids,
                               num_tokens_no_spec, token_ids_cpu, token_ids)
             self.rows_drafted["warmup"] += len(plan.ngram)
-        mdlm_rows = [i for i in plan.mdlm if lengths[i] > 0]
+        mdlm_rows = plan.mdlm
         if mdlm_rows and self.lookup is not None:
-            self._draft_ngram(self.lookup, mdlm_rows, lengths, sampled_token_ids,
-                              num_tokens_no_spec, token_ids_cpu, token_ids)
-            copied = sum(1 for i in mdlm_rows if token_ids[i])
-            self.rows_drafted["lookup"] += copied
+            # Copying costs microseconds, so a row that can copy drafts the full gamma
+            # whatever the controller chose for the MDLM (vLLM's ngram method does too).
+            self._draft_ngram(self.lookup, mdlm_rows, dict.fromkeys(mdlm_rows, self.config.gamma),
+                              sampled_token_ids, num_tokens_no_spec, token_ids_cpu, token_ids)
+            copied = [i for i in mdlm_rows if token_ids[i]]
             if copied:
+                self.rows_drafted["lookup"] += len(copied)
                 mdlm_rows = [i for i in mdlm_rows if not token_ids[i]]
+                if input_batch is not None:
+                    self._last_step = self._last_step._replace(
+                        copied=frozenset(input_batch.req_ids[i] for i in copied))
+        mdlm_rows = [i for i in mdlm_rows if lengths[i] > 0]
         self.rows_drafted["mdlm"] += len(mdlm_rows)
         if not mdlm_rows:
             return Proposal(token_ids)
