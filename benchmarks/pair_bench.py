@@ -11,8 +11,9 @@ acceptance and speed of each method at fixed settings, greedy and temperature 1.
 
 Where spec_bench.py mixes Spec-Bench categories and lets specdiff's adaptive draft
 length choose, this measures each drafter as trained: specdiff at fixed gamma and T
-(``adaptive: false``; with the drafter's own context window (``auto``), with a
-16-token window, and with the drafter in bfloat16), specdiff's defaults (adaptive), vLLM's ``draft_model``
+(``adaptive: false``, every draft from the MDLM: ``prompt_lookup_min: 0``; with the drafter's own context window (``auto``), with a
+16-token window, and with the drafter in bfloat16), specdiff's defaults (adaptive, with
+and without prompt lookup), vLLM's ``draft_model``
 with the pair's AR drafter at each gamma (argmax drafts, and at gamma 4 and 8 drafts
 sampled from its q with q verified), and ``ngram``. Prompts: the first ``--prompt-tokens`` tokens
 of held-out TinyStories stories (the v1 valid slice, never trained on). Protocol
@@ -45,21 +46,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from spec_bench import (NONE, PAIRS, RESULTS, draft_len_cell, draft_model,  # noqa: E402
-                        environment, fmt, ngram, on_pair, run_grid, specdiff, speedup_cell,
-                        tau_cell)
+from spec_bench import (MDLM_ONLY, NONE, PAIRS, RESULTS, draft_len_cell,  # noqa: E402
+                        draft_model, environment, fmt, ngram, on_pair, run_grid, specdiff,
+                        speedup_cell, tau_cell)
 
 from vllm_specdiff.runtime import HELD_OUT_TEXT, prepare_process  # noqa: E402
 
 
 def methods(quick: bool):
-    fixed = dict(adaptive=False)
+    fixed = dict(adaptive=False, **MDLM_ONLY)
     if quick:
         return [NONE, specdiff(8, 1, **fixed), specdiff(8, 1), draft_model(4), ngram(4)]
     return [NONE, specdiff(4, 1, **fixed), specdiff(8, 1, **fixed), specdiff(8, 2, **fixed),
             specdiff(16, 2, **fixed), specdiff(8, 1, context_window=16, **fixed),
             specdiff(8, 1, drafter_dtype="bfloat16", **fixed),
-            specdiff(8, 1), draft_model(2), draft_model(4), draft_model(8),
+            specdiff(8, 1), specdiff(8, 1, **MDLM_ONLY), draft_model(2), draft_model(4),
+            draft_model(8),
             draft_model(4, probabilistic=True), draft_model(8, probabilistic=True), ngram(4)]
 
 
@@ -74,8 +76,8 @@ def drafter_methods(folders: list[Path], ar_folders: list[Path]):
     out = [NONE]
     for folder in folders:
         out += [with_drafter(m, folder) for m in (
-            specdiff(4, 1, adaptive=False), specdiff(8, 1, adaptive=False),
-            specdiff(8, 1, adaptive=False, context_window=None))]
+            specdiff(4, 1, adaptive=False, **MDLM_ONLY), specdiff(8, 1, adaptive=False, **MDLM_ONLY),
+            specdiff(8, 1, adaptive=False, context_window=None, **MDLM_ONLY))]
     for folder in ar_folders:
         out += [with_drafter(m, folder) for m in (
             draft_model(4), draft_model(8), draft_model(4, probabilistic=True))]
@@ -85,7 +87,7 @@ def drafter_methods(folders: list[Path], ar_folders: list[Path]):
 def sweep_methods(gamma_steps: list[tuple[int, int]], draft_temperatures: list[float | None]):
     """Beside plain decoding: specdiff fixed at each (gamma, T) with the pair's drafter,
     at each draft temperature (None: each request's own)."""
-    return [NONE] + [specdiff(g, t, adaptive=False, draft_temperature=dt)
+    return [NONE] + [specdiff(g, t, adaptive=False, draft_temperature=dt, **MDLM_ONLY)
                      for dt in draft_temperatures for g, t in gamma_steps]
 
 

@@ -131,6 +131,7 @@ def draft_model(gamma: int, probabilistic: bool = False) -> Method:
 
 
 NONE = Method("none", "none", None)
+MDLM_ONLY = {"prompt_lookup_min": 0}  # specdiff without prompt lookup: every draft from the MDLM
 
 
 def grid(quick: bool) -> list[Method]:

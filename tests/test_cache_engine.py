@@ -13,7 +13,8 @@ pytestmark = pytest.mark.slow
 
 MAX_TOKENS = 48
 SPEC = {"method": "specdiff", "model": str(BLOCK_CAUSAL_DRAFTER), "num_speculative_tokens": 8,
-        "context_window": None}  # the whole context, in the cache
+        "context_window": None,  # the whole context, in the cache
+        "prompt_lookup_min": 0}  # every draft from the MDLM, through the cache
 # Prompts of 200+ tokens (the whole context is in the cache) beside short ones.
 LONG_PROMPTS = [" ".join((PROMPTS * 2)[i:i + 22]) for i in range(0, 8, 2)]
 ALL_PROMPTS = [p for pair in zip(LONG_PROMPTS, PROMPTS[:4]) for p in pair] + PROMPTS[4:8]

@@ -37,7 +37,7 @@ def llm():
 
     spec = {"method": "specdiff", "model": str(DRAFTER), "num_speculative_tokens": 2,
             "diffusion_steps": 2, "schedule": "left_to_right", "adaptive": False,
-            "warmup_tokens": 0}  # every draft from the MDLM, whose q is under test
+            "warmup_tokens": 0, "prompt_lookup_min": 0}  # every draft from the MDLM, whose q is under test
     engine = LLM(model=str(TARGET), speculative_config=spec,
                  **engine_kwargs(max_num_seqs=256, enable_prefix_caching=True))
     yield engine

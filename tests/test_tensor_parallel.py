@@ -73,7 +73,7 @@ def test_greedy_at_tp2_equals_tp1_and_plain():
 def test_sampling_is_exact_at_tp2():
     """The chi-square test of test_sampling_exact.py, with the engine at TP=2."""
     spec = {"method": "specdiff", "model": str(DRAFTER), "num_speculative_tokens": 4,
-            "diffusion_steps": 2, "adaptive": False, "warmup_tokens": 0}
+            "diffusion_steps": 2, "adaptive": False, "warmup_tokens": 0, "prompt_lookup_min": 0}
     out = run_python(TP2.format(target=TARGET, max_num_seqs=256) + f"""
     from vllm_specdiff.metrics import from_metrics
     llm = engine({spec!r})

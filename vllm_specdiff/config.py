@@ -18,7 +18,7 @@ MAX_GAMMA = 64
 DRAFTER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 WARMUP_METHODS = ("none", "ngram", "specdiff")
 DRAFTER_CACHES = ("auto", "exact", "approximate", "off")
-PROMPT_LOOKUP = (0, 8)  # default n-gram sizes (min, max) copied from the context
+PROMPT_LOOKUP = (2, 8)  # default n-gram sizes (min, max) copied from the context
 NULL_MEANS_SOMETHING = ("context_window", "draft_temperature")  # whole context; follow requests
 ADDITIONAL_CONFIG_KEY = "specdiff"  # where the settings travel in vLLM's additional_config
 

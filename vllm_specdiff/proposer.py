@@ -218,9 +218,11 @@ class SpecDiffProposer:
                               num_tokens_no_spec, token_ids_cpu, token_ids)
             self.rows_drafted["warmup"] += len(plan.ngram)
         mdlm_rows = plan.mdlm
-        if mdlm_rows and self.lookup is not None:
+        if mdlm_rows and draft_len and self.lookup is not None:
             # Copying costs microseconds, so a row that can copy drafts the full gamma
-            # whatever the controller chose for the MDLM (vLLM's ngram method does too).
+            # whatever length the controller chose for the MDLM; but not while it keeps
+            # drafting off: then verifying drafts does not pay (under load, or with
+            # sampled requests, which accept a copied token only with probability p).
             self._draft_ngram(self.lookup, mdlm_rows, dict.fromkeys(mdlm_rows, self.config.gamma),
                               sampled_token_ids, num_tokens_no_spec, token_ids_cpu, token_ids)
             copied = [i for i in mdlm_rows if token_ids[i]]
