@@ -46,7 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.spec_bench import (NONE, PAIRS, Engines, environment, fmt,  # noqa: E402
+from benchmarks.spec_bench import (MDLM_ONLY, NONE, PAIRS, Engines, environment, fmt,  # noqa: E402
                                    groups_of, load_prompts, ngram, on_pair, run_rounds,
                                    specdiff, summarise)
 from vllm_specdiff.runtime import prepare_process  # noqa: E402
@@ -61,22 +61,25 @@ def methods(gamma: int, pair: str, lookup: bool = False) -> list:
     if lookup:
         return [on_pair(m, PAIRS[pair]) for m in [NONE, ngram(4), ngram(8)] + [
             specdiff(gamma, 1, prompt_lookup_min=n) for n in (0, 2, 3, 4)]]
+    def mdlm(**settings):  # the context is the question: every draft from the MDLM
+        return specdiff(gamma, 1, **settings, **MDLM_ONLY)
+
     if pair != "tiny":
         return [on_pair(m, PAIRS[pair]) for m in [
             NONE, ngram(4), ngram(8),
-            specdiff(gamma, 1, context_window="auto", drafter_cache="exact"),
-            specdiff(gamma, 1, context_window=WHOLE, drafter_cache="exact"),
-            specdiff(gamma, 1, context_window=16, drafter_cache="exact"),
-            specdiff(gamma, 1, context_window=16, drafter_cache="off")]]
+            mdlm(context_window="auto", drafter_cache="exact"),
+            mdlm(context_window=WHOLE, drafter_cache="exact"),
+            mdlm(context_window=16, drafter_cache="exact"),
+            mdlm(context_window=16, drafter_cache="off")]]
     return [
         NONE, ngram(4), ngram(8),
-        specdiff(gamma, 1, model=str(MDLM), context_window=16, drafter_cache="off"),
-        specdiff(gamma, 1, model=str(MDLM), context_window=16, drafter_cache="approximate"),
-        specdiff(gamma, 1, model=str(MDLM), context_window=WHOLE, drafter_cache="approximate"),
-        specdiff(gamma, 1, model=str(MDLM), context_window=256 - gamma, drafter_cache="off"),
-        specdiff(gamma, 1, model=str(BLOCK_CAUSAL), context_window=WHOLE, drafter_cache="exact"),
-        specdiff(gamma, 1, model=str(BLOCK_CAUSAL), context_window=16, drafter_cache="exact"),
-        specdiff(gamma, 1, model=str(BLOCK_CAUSAL), context_window=16, drafter_cache="off"),
+        mdlm(model=str(MDLM), context_window=16, drafter_cache="off"),
+        mdlm(model=str(MDLM), context_window=16, drafter_cache="approximate"),
+        mdlm(model=str(MDLM), context_window=WHOLE, drafter_cache="approximate"),
+        mdlm(model=str(MDLM), context_window=256 - gamma, drafter_cache="off"),
+        mdlm(model=str(BLOCK_CAUSAL), context_window=WHOLE, drafter_cache="exact"),
+        mdlm(model=str(BLOCK_CAUSAL), context_window=16, drafter_cache="exact"),
+        mdlm(model=str(BLOCK_CAUSAL), context_window=16, drafter_cache="off"),
     ]
 
 

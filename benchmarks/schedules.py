@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.spec_bench import environment, specdiff  # noqa: E402
+from benchmarks.spec_bench import MDLM_ONLY, environment, specdiff  # noqa: E402
 from vllm_specdiff.runtime import (EMBEDDED_TARGET, HELD_OUT_TEXT,  # noqa: E402
                                    close_engine, cpu_engine_defaults,
                                    prepare_process)
@@ -50,10 +50,10 @@ def main() -> None:
         for steps in args.steps:
             if steps == 1 and schedule != "left_to_right":
                 continue  # T = 1 is the same draft for every schedule
-            # Every setting pinned; no warm-up drafting, so every token is drafted
-            # by the schedule under test.
+            # Every setting pinned; no warm-up drafting and no prompt lookup, so
+            # every token is drafted by the schedule under test.
             spec = specdiff(args.gamma, steps, schedule=schedule, adaptive=False,
-                            warmup_tokens=0).speculative_config
+                            warmup_tokens=0, **MDLM_ONLY).speculative_config
             llm = LLM(model=str(EMBEDDED_TARGET), speculative_config=spec, max_num_seqs=16,
                       max_model_len=512, **cpu_engine_defaults())
             try:

@@ -149,22 +149,24 @@ def defaults(d, config: dict) -> dict[str, dict]:
 
 def methods(quick: bool, pair: str) -> dict[str, dict | None]:
     """Settings pinned as spec_bench.py pins them (every default written out)."""
-    from spec_bench import PAIRS, draft_model, ngram, on_pair, specdiff
+    from spec_bench import MDLM_ONLY, PAIRS, draft_model, ngram, on_pair, specdiff
 
     from vllm_specdiff.config import SpecDiffConfig
 
     d = SpecDiffConfig()
     default = specdiff(d.num_speculative_tokens, d.diffusion_steps)
     if pair != "tiny":
-        fixed = [specdiff(4, 1, adaptive=False), specdiff(8, 1, adaptive=False), draft_model(8)]
+        # fixed: adaptive off, every draft from the MDLM
+        fixed = [specdiff(4, 1, adaptive=False, **MDLM_ONLY),
+                 specdiff(8, 1, adaptive=False, **MDLM_ONLY), draft_model(8)]
         return {"none": None, "ngram g4": ngram(4).speculative_config,
-                **{m.name.replace(" adaptive=False", " fixed"): on_pair(m, PAIRS[pair]).speculative_config
-                   for m in fixed},
+                **{m.name.replace(" adaptive=False prompt_lookup_min=0", " fixed"):
+                   on_pair(m, PAIRS[pair]).speculative_config for m in fixed},
                 **defaults(d, on_pair(default, PAIRS[pair]).speculative_config)}
     out = {"none": None, "ngram g4": ngram(4).speculative_config,
            **defaults(d, default.speculative_config)}
     if not quick:
-        out["specdiff g8 T1 fixed"] = specdiff(8, 1, adaptive=False).speculative_config
+        out["specdiff g8 T1 fixed"] = specdiff(8, 1, adaptive=False, **MDLM_ONLY).speculative_config
     return out
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.spec_bench import (NONE, RESULTS, Engines, environment, fmt,  # noqa: E402
+from benchmarks.spec_bench import (MDLM_ONLY, NONE, RESULTS, Engines, environment, fmt,  # noqa: E402
                                    run_rounds, specdiff, speedup_cell, summarise, tau_cell)
 from vllm_specdiff.runtime import EMBEDDED_TARGET, HELD_OUT_TEXT, prepare_process  # noqa: E402
 
@@ -43,7 +43,7 @@ def main() -> None:
 
     tok = AutoTokenizer.from_pretrained(str(EMBEDDED_TARGET))
     prompts = held_out_prompts(tok, HELD_OUT_TEXT, n=args.prompts, prompt_tokens=args.prompt_tokens)
-    fixed = dict(adaptive=False)
+    fixed = dict(adaptive=False, **MDLM_ONLY)
     methods = [NONE, specdiff(args.gamma, args.steps, warmup_tokens=0, **fixed)]
     for method in ("ngram", "none"):
         methods.append(specdiff(args.gamma, args.steps, warmup_tokens=args.warmup_tokens,
