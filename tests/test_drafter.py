@@ -142,6 +142,17 @@ def test_seeded_drafts_are_reproducible():
         assert torch.equal(runs[0], runs[1]), schedule
 
 
+def test_random_schedule_that_reveals_everything_early_stops_there(monkeypatch):
+    """The random schedule draws how many positions each step reveals; a draw can reveal
+    all of them before the last step (likeliest with one row, as when prompt lookup
+    leaves the MDLM a single request). The remaining steps then have nothing to do."""
+    drafter = small_drafter(steps=3, schedule="random", context_window=16)
+    monkeypatch.setattr(drafter, "_uniforms", lambda shape, generators: torch.zeros(
+        shape, device=DEVICE))  # every uniform below the threshold: step 0 reveals all
+    d = drafter.draft([[1, 2, 3]], draft_len=6)
+    assert d.forward_passes == 1 and d.tokens.shape == (1, 6)
+
+
 def test_left_to_right_sampling_draws_from_reported_q():
     """Each sampled token's frequency matches the q reported for it (T = gamma = 1)."""
     drafter = small_drafter(vocab=9, steps=1, schedule="left_to_right", context_window=8)

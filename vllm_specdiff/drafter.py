@@ -282,6 +282,8 @@ class DiffusionDrafter:
         # (the other schedules rank or draw among every masked position).
         groups = group_sizes(draft_len, steps) if self.schedule == "left_to_right" else None
         for step in range(steps):
+            if step and not bool(masked.any()):
+                break  # the random schedule can reveal every position before the last step
             if scored is None:  # else no token changed since the last pass: reuse it
                 # Revealed columns form a prefix: score from the first masked one (the
                 # group it starts, for left_to_right; the rest of the tail otherwise).
