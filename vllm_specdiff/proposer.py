@@ -155,9 +155,9 @@ class SpecDiffProposer:
             self.tp_group = get_tp_group()
         logger.info(
             "specdiff: drafter %s (%.1fM params, %s, %s) gamma=%d T=%d schedule=%s W=%d "
-            "cache=%s adaptive=%s prompt lookup=%s", self.config.drafter_path, model.num_parameters() / 1e6,
-            dtype, model.config.attention, gamma, self.config.diffusion_steps,
-            self.config.schedule, window,
+            "cache=%s adaptive=%s prompt lookup=%s", self.config.drafter_path,
+            model.num_parameters() / 1e6, dtype, model.config.attention, gamma,
+            self.config.diffusion_steps, self.config.schedule, window,
             "off" if self.cache is None else "exact" if self.exact_cache else
             f"approximate (refresh every {self.config.cache_refresh_steps} steps)",
             self.config.adaptive,
@@ -217,12 +217,14 @@ class SpecDiffProposer:
             self._draft_ngram(self.ngram, plan.ngram, lengths, sampled_token_ids,
                               num_tokens_no_spec, token_ids_cpu, token_ids)
             self.rows_drafted["warmup"] += len(plan.ngram)
-        mdlm_rows = plan.mdlm
-        if mdlm_rows and draft_len and self.lookup is not None:
+        mdlm_rows = [i for i in plan.mdlm if lengths[i] > 0]
+        if mdlm_rows and self.lookup is not None:
             # Copying costs microseconds, so a row that can copy drafts the full gamma
-            # whatever length the controller chose for the MDLM; but not while it keeps
-            # drafting off: then verifying drafts does not pay (under load, or with
-            # sampled requests, which accept a copied token only with probability p).
+            # whatever length the controller chose for the MDLM. Only rows that draft at
+            # all copy: while the controller keeps drafting off, verifying drafts does
+            # not pay (under load, or for sampled requests, which accept a copied token
+            # only with probability p); seeded rows always draft, so whether one copies
+            # depends on its own tokens only, never on the load.
             self._draft_ngram(self.lookup, mdlm_rows, dict.fromkeys(mdlm_rows, self.config.gamma),
                               sampled_token_ids, num_tokens_no_spec, token_ids_cpu, token_ids)
             copied = [i for i in mdlm_rows if token_ids[i]]
@@ -232,7 +234,6 @@ class SpecDiffProposer:
                 if input_batch is not None:
                     self._last_step = self._last_step._replace(
                         copied=frozenset(input_batch.req_ids[i] for i in copied))
-        mdlm_rows = [i for i in mdlm_rows if lengths[i] > 0]
         self.rows_drafted["mdlm"] += len(mdlm_rows)
         if not mdlm_rows:
             return Proposal(token_ids)
