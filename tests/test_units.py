@@ -372,6 +372,27 @@ def test_acceptance_for_the_logs_comes_from_the_step_outcomes():
     assert abs(a.acceptance - 0.5) < 1e-3
 
 
+def test_copying_goes_on_without_the_mdlm_only_where_measured_to_pay():
+    """Prompt lookup: steps in which every request copied are measured apart from the
+    MDLM's draft lengths, and copying pays when those steps beat plain decoding by
+    min_gain; with no measurement of either (as under load, where such steps are rare)
+    it does not, and copying then waits for the MDLM's drafts to pay."""
+    a = AdaptiveDraftLength(8)
+    assert not a.copying_pays(1)
+    for _ in range(3):
+        a.observe(StepOutcome(1, 0, tokens=1, seconds=0.002))  # plain: 500 tokens/s
+    assert not a.copying_pays(1)  # no step has copied yet
+    a.observe_copied(StepOutcome(1, 8, tokens=4, seconds=0.0025))  # 1,600 tokens/s
+    assert a.copying_pays(1)
+    assert 8 not in a.buckets[0].arms  # the MDLM's gamma arm learned nothing from it
+    assert not a.copying_pays(32)  # another bucket: nothing measured there
+    poor = AdaptiveDraftLength(8)
+    for _ in range(3):
+        poor.observe(StepOutcome(32, 0, tokens=32, seconds=0.02))
+    poor.observe_copied(StepOutcome(32, 8, tokens=34, seconds=0.04))  # copies rejected
+    assert not poor.copying_pays(32)
+
+
 def test_adaptive_disabled_is_fixed():
     a = AdaptiveDraftLength(8, enabled=False)
     assert a.next_draft_len(batch=64) == 8

@@ -36,7 +36,9 @@ thousand. (Under load a drafted step costs several plain ones, so every explorat
 step shows in a 128-token run.)
 
 One input, one output: ``observe(StepOutcome)`` after each decode step, and
-``next_draft_len(batch)`` before drafting the next one.
+``next_draft_len(batch)`` before drafting the next one. Prompt lookup (requests that
+copy their draft from their context, which costs no drafter pass) has its own pair:
+``observe_copied`` for a step in which every request copied, and ``copying_pays``.
 """
 
 from __future__ import annotations
@@ -112,6 +114,7 @@ class Arm:
 @dataclass
 class Bucket:
     arms: dict[int, Arm] = field(default_factory=dict)
+    copied: Arm = field(default_factory=Arm)  # steps whose every request copied its draft
     steps: int = 0
     reprobe_at: int | None = None  # step at which drafting-off re-measures a draft length
     reprobe_wait: int = 0
@@ -160,6 +163,19 @@ class AdaptiveDraftLength:
             arm.tokens.clear()
             arm.rows.clear()
             arm.stale = False
+        arm.costs.append(step.seconds)
+        arm.tokens.append(step.tokens)
+        arm.rows.append(step.batch)
+        arm.samples += 1
+
+    def observe_copied(self, step: StepOutcome) -> None:
+        """A step in which prompt lookup drafted every request (the MDLM ran for none):
+        it says nothing about the MDLM's draft lengths, only whether copying pays."""
+        if step.seconds <= 0 or step.batch <= 0:
+            return
+        arm = self.buckets.setdefault(bucket_of(step.batch), Bucket()).copied
+        if arm.samples and step.seconds > 20 * arm.seconds:  # an idle gap, not a step
+            return
         arm.costs.append(step.seconds)
         arm.tokens.append(step.tokens)
         arm.rows.append(step.batch)
@@ -268,6 +284,20 @@ class AdaptiveDraftLength:
                     choice = others[(bucket.steps // self.probe_every) % len(others)]
         self._log(bucket_of(batch), choice, batch)
         return choice
+
+    def copying_pays(self, batch: int) -> bool:
+        """Whether steps in which every request copied its draft from its context made
+        ``min_gain`` more tokens/s than plain decoding in this batch's bucket: then
+        copying goes on while the MDLM's drafts do not pay. Without both measurements,
+        no (copying then follows the MDLM's draft length, so under load, where steps
+        in which every request copies are rare, it stays off with the MDLM)."""
+        bucket = self.buckets.get(bucket_of(batch))
+        if bucket is None or not bucket.copied.samples:
+            return False
+        plain = bucket.arms.get(0)
+        if plain is None or plain.samples < self.warm_samples:
+            return False
+        return bucket.copied.rate >= self.min_gain * plain.rate
 
     def _reprobe(self, bucket: Bucket, candidate: int) -> int:
         """Drafting is off in this bucket: 0, or once per (doubling) wait the draft

@@ -187,25 +187,14 @@ class SpecDiffProposer:
         if use_cache:
             self.cache.release_all_but(input_batch.req_ids)
         last = self._last_step
-        if last is not None and pure_decode and len(last.copied) < last.batch:
-            # The controller weighs the MDLM's drafts against plain decoding, so a step
-            # whose every row copied says nothing to it, and a copied row counts as the
-            # one token plain decoding would have made. Acceptance is learned from the
-            # rows the MDLM drafted at the chosen length only (not from n-gram rows or
-            # rows cut short by the length limit).
-            req_ids = input_batch.req_ids if input_batch is not None else ()
-            accepted = tuple(len(s) - 1 for rid, s in zip(req_ids, sampled_token_ids)
-                             if s and rid in last.full_drafts)
-            tokens = sum(1 if rid in last.copied else len(s)
-                         for rid, s in zip(req_ids, sampled_token_ids) if s)
-            self.adaptive.observe(StepOutcome(last.batch, last.draft_len, tokens,
-                                              now - last.started, accepted))
+        if last is not None and pure_decode:
+            self._observe(last, sampled_token_ids, input_batch, now)
         warmup = (self.config.warmup_tokens if input_batch is not None
                   and self.config.warmup_method != "specdiff" else 0)
         plan = plan_rows(sampled_token_ids, num_tokens_no_spec,
                          None if input_batch is None else input_batch.num_prompt_tokens,
                          self.max_model_len, warmup)
-        draft_len = self._agreed_draft_len(plan.batch)
+        draft_len, copy_all = self._agreed_plan(plan.batch)
         self._last_step = LastStep(draft_len, plan.batch, now)
         token_ids: list[list[int]] = [[] for _ in sampled_token_ids]
         generators = self._generators(input_batch)
@@ -217,23 +206,26 @@ class SpecDiffProposer:
             self._draft_ngram(self.ngram, plan.ngram, lengths, sampled_token_ids,
                               num_tokens_no_spec, token_ids_cpu, token_ids)
             self.rows_drafted["warmup"] += len(plan.ngram)
-        mdlm_rows = [i for i in plan.mdlm if lengths[i] > 0]
-        if mdlm_rows and self.lookup is not None:
+        mdlm_rows = plan.mdlm
+        lookup_rows = [i for i in mdlm_rows if copy_all or lengths[i] > 0]
+        if lookup_rows and self.lookup is not None:
             # Copying costs microseconds, so a row that can copy drafts the full gamma
-            # whatever length the controller chose for the MDLM. Only rows that draft at
-            # all copy: while the controller keeps drafting off, verifying drafts does
-            # not pay (under load, or for sampled requests, which accept a copied token
-            # only with probability p); seeded rows always draft, so whether one copies
-            # depends on its own tokens only, never on the load.
-            self._draft_ngram(self.lookup, mdlm_rows, dict.fromkeys(mdlm_rows, self.config.gamma),
-                              sampled_token_ids, num_tokens_no_spec, token_ids_cpu, token_ids)
-            copied = [i for i in mdlm_rows if token_ids[i]]
+            # whatever length the controller chose for the MDLM. While the controller
+            # keeps the MDLM off, rows copy only where copying itself was measured to
+            # pay (``copying_pays``): under load, or for sampled requests, which accept
+            # a copied token only with probability p, verifying copies may not. Seeded
+            # rows always draft, so whether one copies never depends on the load.
+            self._draft_ngram(self.lookup, lookup_rows,
+                              dict.fromkeys(lookup_rows, self.config.gamma), sampled_token_ids,
+                              num_tokens_no_spec, token_ids_cpu, token_ids)
+            copied = [i for i in lookup_rows if token_ids[i]]
             if copied:
                 self.rows_drafted["lookup"] += len(copied)
                 mdlm_rows = [i for i in mdlm_rows if not token_ids[i]]
                 if input_batch is not None:
                     self._last_step = self._last_step._replace(
                         copied=frozenset(input_batch.req_ids[i] for i in copied))
+        mdlm_rows = [i for i in mdlm_rows if lengths[i] > 0]
         self.rows_drafted["mdlm"] += len(mdlm_rows)
         if not mdlm_rows:
             return Proposal(token_ids)
@@ -264,13 +256,38 @@ class SpecDiffProposer:
 
     # -- helpers ---------------------------------------------------------------
 
-    def _agreed_draft_len(self, batch: int) -> int:
-        """Every tensor-parallel rank runs this proposer on the same inputs; everything
-        else it does is deterministic or seeded alike, but adaptive draft lengths follow
-        a clock. Rank 0's choice is broadcast, so all ranks draft the same tokens and q."""
+    def _observe(self, last: LastStep, sampled_token_ids, input_batch, now: float) -> None:
+        """Tell the controller what the step drafted in ``last`` made. It weighs the
+        MDLM's drafts against plain decoding: a step in which every row copied goes to
+        ``observe_copied``; in any other a copied row counts as the one token plain
+        decoding would have made. Acceptance is learned from the rows the MDLM drafted
+        at the chosen length only (not from n-gram rows or rows cut short by the length
+        limit)."""
+        req_ids = input_batch.req_ids if input_batch is not None else ()
+        seconds = now - last.started
+        if last.copied and len(last.copied) == last.batch:
+            self.adaptive.observe_copied(StepOutcome(
+                last.batch, last.draft_len, sum(len(s) for s in sampled_token_ids), seconds))
+            return
+        accepted = tuple(len(s) - 1 for rid, s in zip(req_ids, sampled_token_ids)
+                         if s and rid in last.full_drafts)
+        tokens = sum(1 if rid in last.copied else len(s)
+                     for rid, s in zip(req_ids, sampled_token_ids) if s)
+        self.adaptive.observe(StepOutcome(last.batch, last.draft_len, tokens, seconds, accepted))
+
+    def _agreed_plan(self, batch: int) -> tuple[int, bool]:
+        """The MDLM's draft length, and whether every row may copy (even while that
+        length is 0). Every tensor-parallel rank runs this proposer on the same inputs;
+        everything else it does is deterministic or seeded alike, but the controller
+        follows a clock. Rank 0's choice is broadcast, so all ranks draft the same
+        tokens and q."""
+        def choose() -> tuple[int, bool]:
+            draft_len = self.adaptive.next_draft_len(batch)
+            return draft_len, self.lookup is not None and self.adaptive.copying_pays(batch)
+
         if self.tp_group is None or not self.adaptive.enabled:
-            return self.adaptive.next_draft_len(batch)
-        mine = self.adaptive.next_draft_len(batch) if self.tp_group.rank_in_group == 0 else None
+            return choose()
+        mine = choose() if self.tp_group.rank_in_group == 0 else None
         return self.tp_group.broadcast_object(mine, src=0)
 
     def _generators(self, input_batch) -> dict[int, torch.Generator]:
