@@ -74,7 +74,8 @@ def test_random_drafter_in_mdlm_owt_layout_drafts_for_gpt2_target(random_gpt2_pa
     finally:
         close_engine(llm)
     llm = start({"method": "specdiff", "model": str(drafter), "num_speculative_tokens": 4,
-                 "diffusion_steps": 2, "adaptive": False, "warmup_tokens": 0},
+                 "diffusion_steps": 2, "adaptive": False, "warmup_tokens": 0,
+                 "prompt_lookup_min": 0},  # every draft from the MDLM: full length each
                 target=target, max_model_len=256)
     try:
         out = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
