@@ -97,6 +97,21 @@ class Arm:
     last_step: int = 0  # the bucket's step count at the latest sample
     stale: bool = False  # re-probed: its next sample replaces the older ones
 
+    def record(self, step: "StepOutcome") -> None:
+        """Add one step's cost and tokens (after dropping the older ones if re-probed),
+        unless it is an idle gap rather than a step."""
+        if self.samples and step.seconds > 20 * self.seconds:
+            return
+        if self.stale:
+            self.costs.clear()
+            self.tokens.clear()
+            self.rows.clear()
+            self.stale = False
+        self.costs.append(step.seconds)
+        self.tokens.append(step.tokens)
+        self.rows.append(step.batch)
+        self.samples += 1
+
     @property
     def seconds(self) -> float:
         return statistics.median(self.costs)
@@ -156,30 +171,14 @@ class AdaptiveDraftLength:
         bucket = self.buckets.setdefault(bucket_of(step.batch), Bucket())
         arm = bucket.arms.setdefault(step.draft_len, Arm())
         arm.last_step = bucket.steps
-        if arm.samples and step.seconds > 20 * arm.seconds:  # an idle gap, not a step: ignore
-            return
-        if arm.stale:
-            arm.costs.clear()
-            arm.tokens.clear()
-            arm.rows.clear()
-            arm.stale = False
-        arm.costs.append(step.seconds)
-        arm.tokens.append(step.tokens)
-        arm.rows.append(step.batch)
-        arm.samples += 1
+        arm.record(step)
 
     def observe_copied(self, step: StepOutcome) -> None:
         """A step in which prompt lookup drafted every request (the MDLM ran for none):
         it says nothing about the MDLM's draft lengths, only whether copying pays."""
         if step.seconds <= 0 or step.batch <= 0:
             return
-        arm = self.buckets.setdefault(bucket_of(step.batch), Bucket()).copied
-        if arm.samples and step.seconds > 20 * arm.seconds:  # an idle gap, not a step
-            return
-        arm.costs.append(step.seconds)
-        arm.tokens.append(step.tokens)
-        arm.rows.append(step.batch)
-        arm.samples += 1
+        self.buckets.setdefault(bucket_of(step.batch), Bucket()).copied.record(step)
 
     def _learn_acceptance(self, draft_len: int, accepted: tuple[int, ...]) -> None:
         """Decayed counts of requests that reached and passed each position. The first
