@@ -271,6 +271,32 @@ def test_greedy_argmax_takes_first_index_of_ties(impl):
     assert out.tolist() == [[130, -1, -1], [390, 0, 5]]
 
 
+@pytest.mark.parametrize("bonus_rows", [True, False])
+def test_all_greedy_shortcut_equals_the_walk(bonus_rows):
+    """The reference verifies an all-greedy batch in one argmax over every row; the same
+    requests beside one sampled request without drafts (which changes nothing for
+    them: it takes its bonus token) go through the position-by-position walk."""
+    for seed in range(20):
+        g = torch.Generator().manual_seed(100 + seed)
+        ns = torch.randint(0, 6, (5,), generator=g).tolist()
+        logits, x, _, cu, _, u_acc, _, _, bonus = make_batch(seed, 50, ns, [True] * 5, False, True)
+        logits = (logits * 0.3).round()  # ties: the first index of the maximum must win
+        rows = torch.arange(int(cu[-1])) + torch.repeat_interleave(torch.arange(5), torch.tensor(ns))
+        x = torch.where(torch.rand(len(x), generator=g) < 0.8, logits[rows].argmax(-1), x)
+        if not bonus_rows:
+            logits = logits[rows]
+        extra = dict(q_start=None, bonus_rows=bonus_rows)
+        greedy = fused_verify_reference(logits, x, None, cu, torch.ones(5, dtype=torch.bool),
+                                        u_acc, torch.rand(5, generator=g, dtype=torch.float64),
+                                        max(ns), bonus, **extra)
+        walk_logits = logits if not bonus_rows else torch.cat([logits, torch.randn(1, 50)])
+        walked = fused_verify_reference(
+            walk_logits, x, None, torch.cat([cu, cu[-1:]]),
+            torch.tensor([True] * 5 + [False]), u_acc, torch.rand(6, generator=g, dtype=torch.float64),
+            max(ns), torch.cat([bonus, bonus[:1]]), **extra)
+        assert_same((greedy[0], greedy[1]), (walked[0][:5], walked[1][:5]), f"seed {seed}")
+
+
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_masked_tokens_are_never_emitted(impl):
     """Top-k style rows (3 finite logits): rejected drafts outside the support and
