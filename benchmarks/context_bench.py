@@ -22,7 +22,7 @@ run), greedy, per category. Methods, every setting pinned and printed:
 
 ``--lookup``: the question of prompt lookup beside the MDLM instead (specdiff's
 ``prompt_lookup_min``): the pair's drafter at its default settings with lookup off
-(``prompt_lookup_min=0``, the MDLM drafts every row) and with n-grams of at least 2,
+(``prompt_lookup_min=0``, the MDLM drafts every row) and with n-grams of at least 1, 2,
 3 and 4 tokens copied from the context, against ``ngram`` g4/g8.
 
 ``--pair small``: the small pair has a block-causal drafter only, so its rows are the
@@ -60,7 +60,7 @@ WHOLE = None  # context_window null: the whole context
 def methods(gamma: int, pair: str, lookup: bool = False) -> list:
     if lookup:
         return [on_pair(m, PAIRS[pair]) for m in [NONE, ngram(4), ngram(8)] + [
-            specdiff(gamma, 1, prompt_lookup_min=n) for n in (0, 2, 3, 4)]]
+            specdiff(gamma, 1, prompt_lookup_min=n) for n in (0, 1, 2, 3, 4)]]
     def mdlm(**settings):  # the context is the question: every draft from the MDLM
         return specdiff(gamma, 1, **settings, **MDLM_ONLY)
 
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-engines", type=int, default=5)
     ap.add_argument("--pair", choices=sorted(PAIRS), default="tiny")
     ap.add_argument("--lookup", action="store_true",
-                    help="prompt lookup beside the MDLM (off, n >= 2, 3, 4) instead")
+                    help="prompt lookup beside the MDLM (off, n >= 1, 2, 3, 4) instead")
     ap.add_argument("--out", default=None,
                     help="result stem (default benchmarks/results/context_bench[_<pair>][_lookup])")
     args = ap.parse_args(argv)
