@@ -393,6 +393,44 @@ def test_copying_goes_on_without_the_mdlm_only_where_measured_to_pay():
     assert not poor.copying_pays(32)
 
 
+def test_each_step_is_measured_in_the_arm_of_what_really_ran():
+    """The proposer hands the controller each step as what ran: the MDLM's draft
+    length only where the MDLM drafted (n-gram rows count one token each), the copied
+    arm where every row copied, plain decoding where nothing drafted, and nothing for a
+    step after a prefill or one drafted by the warm-up n-grams alone."""
+    from types import SimpleNamespace
+
+    from vllm_specdiff.proposer import LastStep, SpecDiffProposer
+
+    class Recorder:
+        def __init__(self):
+            self.seen = []
+
+        def observe(self, step):
+            self.seen.append(("arm", step.draft_len, step.tokens, step.accepted))
+
+        def observe_copied(self, step):
+            self.seen.append(("copied", step.draft_len, step.tokens, step.accepted))
+
+    proposer = SpecDiffProposer.__new__(SpecDiffProposer)
+    proposer.adaptive = Recorder()
+    batch = SimpleNamespace(req_ids=["a", "b", "c"])
+    sampled = [[1, 2, 3], [4, 5], [6]]  # 2, 1 and 0 drafts accepted
+
+    def seen(tokens=sampled, **last):
+        proposer.adaptive.seen.clear()
+        proposer._observe(LastStep(8, 3, 0.0, **last), tokens, batch, now=0.01)
+        return proposer.adaptive.seen
+
+    mdlm = dict(mdlm_rows=1, full_drafts=frozenset("a"))
+    assert seen(**mdlm, copied=frozenset("b"), ngram=frozenset("c")) == [("arm", 8, 3 + 1 + 1, (2,))]
+    assert seen(**mdlm, after_decode=False) == []
+    assert seen(copied=frozenset("abc")) == [("copied", 8, 6, ())]
+    assert seen([[1], [4], [6]]) == [("arm", 0, 3, ())]  # nothing drafted: plain decoding
+    assert seen(ngram=frozenset("a")) == []  # warm-up drafts only: no arm's step
+    assert seen(copied=frozenset("a"), ngram=frozenset("bc")) == []
+
+
 def test_adaptive_disabled_is_fixed():
     a = AdaptiveDraftLength(8, enabled=False)
     assert a.next_draft_len(batch=64) == 8

@@ -57,8 +57,11 @@ class LastStep(NamedTuple):
     draft_len: int
     batch: int
     started: float  # perf_counter at drafting
+    after_decode: bool = True  # drafted after a pure decode step (not after a prefill)
     full_drafts: frozenset = frozenset()  # requests the MDLM drafted draft_len tokens for
     copied: frozenset = frozenset()  # requests whose draft prompt lookup copied
+    ngram: frozenset = frozenset()  # warm-up requests that drafted with the n-gram proposer
+    mdlm_rows: int = 0  # rows the MDLM drafted
 
 
 @dataclass
@@ -195,7 +198,7 @@ class SpecDiffProposer:
                          None if input_batch is None else input_batch.num_prompt_tokens,
                          self.max_model_len, warmup)
         draft_len, copy_all = self._agreed_plan(plan.batch)
-        self._last_step = LastStep(draft_len, plan.batch, now)
+        self._last_step = LastStep(draft_len, plan.batch, now, after_decode=pure_decode)
         token_ids: list[list[int]] = [[] for _ in sampled_token_ids]
         generators = self._generators(input_batch)
         # Seeded requests always draft the full gamma: their random streams are then
@@ -206,6 +209,9 @@ class SpecDiffProposer:
             self._draft_ngram(self.ngram, plan.ngram, lengths, sampled_token_ids,
                               num_tokens_no_spec, token_ids_cpu, token_ids)
             self.rows_drafted["warmup"] += len(plan.ngram)
+            if input_batch is not None:
+                self._last_step = self._last_step._replace(ngram=frozenset(
+                    input_batch.req_ids[i] for i in plan.ngram if token_ids[i]))
         mdlm_rows = plan.mdlm
         lookup_rows = [i for i in mdlm_rows if copy_all or lengths[i] > 0]
         if lookup_rows and self.lookup is not None:
@@ -229,6 +235,7 @@ class SpecDiffProposer:
         self.rows_drafted["mdlm"] += len(mdlm_rows)
         if not mdlm_rows:
             return Proposal(token_ids)
+        self._last_step = self._last_step._replace(mdlm_rows=len(mdlm_rows))
         rows = np.array(mdlm_rows)
         temps = np.zeros(len(rows)) if input_batch is None else input_batch.temperature_cpu[rows]
         contexts = ContextBatch(token_ids_cpu, rows, np.asarray(num_tokens_no_spec)[rows])
@@ -257,21 +264,40 @@ class SpecDiffProposer:
     # -- helpers ---------------------------------------------------------------
 
     def _observe(self, last: LastStep, sampled_token_ids, input_batch, now: float) -> None:
-        """Tell the controller what the step drafted in ``last`` made. It weighs the
-        MDLM's drafts against plain decoding: a step in which every row copied goes to
-        ``observe_copied``; in any other a copied row counts as the one token plain
-        decoding would have made. Acceptance is learned from the rows the MDLM drafted
-        at the chosen length only (not from n-gram rows or rows cut short by the length
-        limit)."""
+        """Tell the controller what the step drafted in ``last`` made, into the arm of
+        what really ran. It weighs the MDLM's drafts against plain decoding, so:
+
+        - a step in which the MDLM drafted some row measures its draft length, each row
+          drafted by an n-gram (prompt lookup or warm-up) counting as the one token
+          plain decoding would have made; acceptance is learned from the rows the MDLM
+          drafted at the chosen length only (not rows cut short by the length limit);
+        - a step in which every row copied goes to ``observe_copied``;
+        - a step in which no row drafted at all is plain decoding, whatever length was
+          chosen (e.g. warm-up rows without a match);
+        - any other step (warm-up drafts only) is no arm's and is not measured.
+
+        The MDLM's arms once also took warm-up steps: cheap, so they pulled its median
+        cost down while its tokens were predicted from the MDLM's acceptance, and on the
+        tiny pair the controller kept a drafter that lost to plain decoding. Nor is the
+        step after a prefill measured: its clock also holds the prefill's output
+        processing (3-6x a decode step on the tiny pair), which made plain decoding, the
+        arm measured first in each request, look slower than it is."""
+        if not last.after_decode:
+            return
         req_ids = input_batch.req_ids if input_batch is not None else ()
         seconds = now - last.started
         if last.copied and len(last.copied) == last.batch:
             self.adaptive.observe_copied(StepOutcome(
                 last.batch, last.draft_len, sum(len(s) for s in sampled_token_ids), seconds))
             return
+        if not last.mdlm_rows:
+            if not (last.copied or last.ngram):
+                self.adaptive.observe(StepOutcome(
+                    last.batch, 0, sum(len(s) for s in sampled_token_ids), seconds))
+            return
         accepted = tuple(len(s) - 1 for rid, s in zip(req_ids, sampled_token_ids)
                          if s and rid in last.full_drafts)
-        tokens = sum(1 if rid in last.copied else len(s)
+        tokens = sum(1 if rid in last.copied or rid in last.ngram else len(s)
                      for rid, s in zip(req_ids, sampled_token_ids) if s)
         self.adaptive.observe(StepOutcome(last.batch, last.draft_len, tokens, seconds, accepted))
 
