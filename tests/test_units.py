@@ -373,31 +373,45 @@ def test_acceptance_for_the_logs_comes_from_the_step_outcomes():
 
 
 def test_copying_goes_on_without_the_mdlm_only_where_measured_to_pay():
-    """Prompt lookup: steps in which every request copied are measured apart from the
-    MDLM's draft lengths, and copying pays when those steps beat plain decoding by
-    min_gain; with no measurement of either (as under load, where such steps are rare)
-    it does not, and copying then waits for the MDLM's drafts to pay."""
-    a = AdaptiveDraftLength(8)
-    assert not a.copying_pays(1)
+    """Prompt lookup while the MDLM is off: measured like a draft length, apart from
+    the MDLM's arms. After plain decoding's first steps, requests copy until copying has
+    a few steps of its own; it goes on where those beat plain decoding by min_gain; where
+    they do not, one step re-measures it after a wait that doubles."""
+    a = AdaptiveDraftLength(8, reprobe_after=4, reprobe_max=8)
+    assert not a.copying_pays(1)  # plain decoding, the reference, is measured first
     for _ in range(3):
+        a.next_draft_len(1)
         a.observe(StepOutcome(1, 0, tokens=1, seconds=0.002))  # plain: 500 tokens/s
-    assert not a.copying_pays(1)  # no step has copied yet
-    a.observe_copied(StepOutcome(1, 8, tokens=4, seconds=0.0025))  # 1,600 tokens/s
+    for _ in range(3):
+        assert a.copying_pays(1)  # measure it
+        a.observe_copied(StepOutcome(1, 8, tokens=4, seconds=0.0025))  # 1,600 tokens/s
     assert a.copying_pays(1)
     assert 8 not in a.buckets[0].arms  # the MDLM's gamma arm learned nothing from it
-    assert not a.copying_pays(32)  # another bucket: nothing measured there
-    poor = AdaptiveDraftLength(8)
+
+    poor = AdaptiveDraftLength(8, reprobe_after=4, reprobe_max=8)
     for _ in range(3):
-        poor.observe(StepOutcome(32, 0, tokens=32, seconds=0.02))
-    poor.observe_copied(StepOutcome(32, 8, tokens=34, seconds=0.04))  # copies rejected
-    assert not poor.copying_pays(32)
+        poor.next_draft_len(32)
+        poor.observe(StepOutcome(32, 0, tokens=32, seconds=0.02))  # 1,600 tokens/s
+    for _ in range(3):
+        assert poor.copying_pays(32)
+        poor.observe_copied(StepOutcome(32, 8, tokens=34, seconds=0.04))  # 850 tokens/s
+    copies = []
+    for _ in range(40):
+        poor.next_draft_len(32)
+        copies.append(poor.copying_pays(32))
+        if copies[-1]:  # the re-measurement: still a loss
+            poor.observe_copied(StepOutcome(32, 8, tokens=34, seconds=0.04))
+    # Re-measured after 4 steps, then 8, 8, ...: never two steps running.
+    assert [i for i, c in enumerate(copies) if c] == [3, 11, 19, 27, 35]
+    assert not poor.copying_pays(1)  # another bucket: plain decoding not measured there
 
 
 def test_each_step_is_measured_in_the_arm_of_what_really_ran():
     """The proposer hands the controller each step as what ran: the MDLM's draft
     length only where the MDLM drafted (n-gram rows count one token each), the copied
-    arm where every row copied, plain decoding where nothing drafted, and nothing for a
-    step after a prefill or one drafted by the warm-up n-grams alone."""
+    arm where rows copied and the MDLM drafted none, plain decoding where nothing
+    drafted, and nothing for a step after a prefill or one drafted by the warm-up
+    n-grams alone."""
     from types import SimpleNamespace
 
     from vllm_specdiff.proposer import LastStep, SpecDiffProposer
@@ -427,8 +441,8 @@ def test_each_step_is_measured_in_the_arm_of_what_really_ran():
     assert seen(**mdlm, after_decode=False) == []
     assert seen(copied=frozenset("abc")) == [("copied", 8, 6, ())]
     assert seen([[1], [4], [6]]) == [("arm", 0, 3, ())]  # nothing drafted: plain decoding
+    assert seen(copied=frozenset("a")) == [("copied", 8, 6, ())]  # the others plain
     assert seen(ngram=frozenset("a")) == []  # warm-up drafts only: no arm's step
-    assert seen(copied=frozenset("a"), ngram=frozenset("bc")) == []
 
 
 def test_adaptive_disabled_is_fixed():

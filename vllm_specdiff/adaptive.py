@@ -38,7 +38,11 @@ step shows in a 128-token run.)
 One input, one output: ``observe(StepOutcome)`` after each decode step, and
 ``next_draft_len(batch)`` before drafting the next one. Prompt lookup (requests that
 copy their draft from their context, which costs no drafter pass) has its own pair:
-``observe_copied`` for a step in which every request copied, and ``copying_pays``.
+``observe_copied`` for a step in which requests copied and the MDLM drafted none, and
+``copying_pays``: whether requests copy while the MDLM is off. Copying is measured
+like a draft length: a few steps first, then it goes on while it beats plain decoding
+by ``min_gain``, and while it does not, one step re-measures it after a wait that
+doubles (``reprobe_after`` up to ``reprobe_max`` steps).
 """
 
 from __future__ import annotations
@@ -129,10 +133,11 @@ class Arm:
 @dataclass
 class Bucket:
     arms: dict[int, Arm] = field(default_factory=dict)
-    copied: Arm = field(default_factory=Arm)  # steps whose every request copied its draft
+    copied: Arm = field(default_factory=Arm)  # steps in which only prompt lookup drafted
     steps: int = 0
     reprobe_at: int | None = None  # step at which drafting-off re-measures a draft length
     reprobe_wait: int = 0
+    copy_wait: int = 0  # steps before copying, measured not to pay, is measured again
 
 
 class AdaptiveDraftLength:
@@ -174,11 +179,14 @@ class AdaptiveDraftLength:
         arm.record(step)
 
     def observe_copied(self, step: StepOutcome) -> None:
-        """A step in which prompt lookup drafted every request (the MDLM ran for none):
-        it says nothing about the MDLM's draft lengths, only whether copying pays."""
+        """A step in which requests copied their drafts and the MDLM drafted none (the
+        others decoded plainly): it says nothing about the MDLM's draft lengths, only
+        whether copying pays."""
         if step.seconds <= 0 or step.batch <= 0:
             return
-        self.buckets.setdefault(bucket_of(step.batch), Bucket()).copied.record(step)
+        bucket = self.buckets.setdefault(bucket_of(step.batch), Bucket())
+        bucket.copied.last_step = bucket.steps
+        bucket.copied.record(step)
 
     def _learn_acceptance(self, draft_len: int, accepted: tuple[int, ...]) -> None:
         """Decayed counts of requests that reached and passed each position. The first
@@ -285,18 +293,28 @@ class AdaptiveDraftLength:
         return choice
 
     def copying_pays(self, batch: int) -> bool:
-        """Whether steps in which every request copied its draft from its context made
-        ``min_gain`` more tokens/s than plain decoding in this batch's bucket: then
-        copying goes on while the MDLM's drafts do not pay. Without both measurements,
-        no (copying then follows the MDLM's draft length, so under load, where steps
-        in which every request copies are rare, it stays off with the MDLM)."""
+        """Whether requests copy their drafts from their context while the MDLM is off
+        in this batch's bucket. Once plain decoding is measured: yes until copying has
+        ``warm_samples`` steps of its own, then while those beat plain decoding by
+        ``min_gain``; while they do not, yes for one step after a wait that doubles
+        (a re-measurement that replaces the older ones: what the requests write, and so
+        how much they can copy, changes)."""
         bucket = self.buckets.get(bucket_of(batch))
-        if bucket is None or not bucket.copied.samples:
-            return False
-        plain = bucket.arms.get(0)
+        plain = None if bucket is None else bucket.arms.get(0)
         if plain is None or plain.samples < self.warm_samples:
             return False
-        return bucket.copied.rate >= self.min_gain * plain.rate
+        copied = bucket.copied
+        if copied.samples < self.warm_samples:
+            return True
+        if copied.rate >= self.min_gain * plain.rate:
+            bucket.copy_wait = 0
+            return True
+        bucket.copy_wait = bucket.copy_wait or self.reprobe_after
+        if bucket.steps - copied.last_step < bucket.copy_wait:
+            return False
+        bucket.copy_wait = min(2 * bucket.copy_wait, self.reprobe_max)
+        copied.stale = True
+        return True
 
     def _reprobe(self, bucket: Bucket, candidate: int) -> int:
         """Drafting is off in this bucket: 0, or once per (doubling) wait the draft

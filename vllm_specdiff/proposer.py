@@ -271,10 +271,11 @@ class SpecDiffProposer:
           drafted by an n-gram (prompt lookup or warm-up) counting as the one token
           plain decoding would have made; acceptance is learned from the rows the MDLM
           drafted at the chosen length only (not rows cut short by the length limit);
-        - a step in which every row copied goes to ``observe_copied``;
+        - a step in which rows copied and the MDLM drafted none goes to
+          ``observe_copied``;
         - a step in which no row drafted at all is plain decoding, whatever length was
-          chosen (e.g. warm-up rows without a match);
-        - any other step (warm-up drafts only) is no arm's and is not measured.
+          chosen (e.g. no row found a match);
+        - a step drafted by the warm-up n-grams alone is no arm's and is not measured.
 
         The MDLM's arms once also took warm-up steps: cheap, so they pulled its median
         cost down while its tokens were predicted from the MDLM's acceptance, and on the
@@ -284,17 +285,15 @@ class SpecDiffProposer:
         arm measured first in each request, look slower than it is."""
         if not last.after_decode:
             return
-        req_ids = input_batch.req_ids if input_batch is not None else ()
         seconds = now - last.started
-        if last.copied and len(last.copied) == last.batch:
-            self.adaptive.observe_copied(StepOutcome(
-                last.batch, last.draft_len, sum(len(s) for s in sampled_token_ids), seconds))
-            return
         if not last.mdlm_rows:
-            if not (last.copied or last.ngram):
-                self.adaptive.observe(StepOutcome(
-                    last.batch, 0, sum(len(s) for s in sampled_token_ids), seconds))
+            tokens = sum(len(s) for s in sampled_token_ids)
+            if last.copied:
+                self.adaptive.observe_copied(StepOutcome(last.batch, last.draft_len, tokens, seconds))
+            elif not last.ngram:
+                self.adaptive.observe(StepOutcome(last.batch, 0, tokens, seconds))
             return
+        req_ids = input_batch.req_ids if input_batch is not None else ()
         accepted = tuple(len(s) - 1 for rid, s in zip(req_ids, sampled_token_ids)
                          if s and rid in last.full_drafts)
         tokens = sum(1 if rid in last.copied or rid in last.ngram else len(s)
