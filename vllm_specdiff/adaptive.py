@@ -42,7 +42,8 @@ copy their draft from their context, which costs no drafter pass) has its own pa
 ``copying_pays``: whether requests copy while the MDLM is off. Copying is measured
 like a draft length: a few steps first, then it goes on while it beats plain decoding
 by ``min_gain``, and while it does not, one step re-measures it after a wait that
-doubles (``reprobe_after`` up to ``reprobe_max`` steps).
+doubles (``probe_every`` up to ``reprobe_max`` steps: a copy that fails costs little,
+and what a request writes, so how much it can copy, changes within a request).
 """
 
 from __future__ import annotations
@@ -309,7 +310,7 @@ class AdaptiveDraftLength:
         if copied.rate >= self.min_gain * plain.rate:
             bucket.copy_wait = 0
             return True
-        bucket.copy_wait = bucket.copy_wait or self.reprobe_after
+        bucket.copy_wait = bucket.copy_wait or self.probe_every
         if bucket.steps - copied.last_step < bucket.copy_wait:
             return False
         bucket.copy_wait = min(2 * bucket.copy_wait, self.reprobe_max)

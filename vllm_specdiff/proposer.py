@@ -113,6 +113,7 @@ class SpecDiffProposer:
         self.adaptive = AdaptiveDraftLength(self.config.gamma, enabled=self.config.adaptive)
         self.ngram = None  # warm-up drafts
         self.lookup = None  # prompt lookup beside the MDLM
+        self.lookup_alone = None  # prompt lookup for rows that would otherwise not draft
         # Rows drafted by each source ('warmup', 'lookup', 'mdlm') since the start.
         self.rows_drafted: collections.Counter = collections.Counter()
         self.tp_group = None  # vLLM's tensor-parallel group when it has more than one rank
@@ -152,6 +153,9 @@ class SpecDiffProposer:
             self.lookup = make_ngram_proposer(
                 self.vllm_config, self.config.gamma,
                 (self.config.prompt_lookup_min, self.config.prompt_lookup_max))
+            self.lookup_alone = self.lookup if self.config.prompt_lookup_min == 1 else \
+                make_ngram_proposer(self.vllm_config, self.config.gamma,
+                                    (1, self.config.prompt_lookup_max))
         if self.vllm_config.parallel_config.tensor_parallel_size > 1:
             from vllm.distributed import get_tp_group
 
@@ -206,12 +210,15 @@ class SpecDiffProposer:
         lengths = {i: self.config.gamma if generators.get(i) is not None else draft_len
                    for i in plan.mdlm + plan.ngram}
         if plan.ngram and self.ngram is not None:
-            self._draft_ngram(self.ngram, plan.ngram, lengths, sampled_token_ids,
+            # Warm-up drafts are copies too: while copying pays, they draft the full gamma.
+            warmup_lengths = dict.fromkeys(plan.ngram, self.config.gamma) if copy_all else lengths
+            self._draft_ngram(self.ngram, plan.ngram, warmup_lengths, sampled_token_ids,
                               num_tokens_no_spec, token_ids_cpu, token_ids)
-            self.rows_drafted["warmup"] += len(plan.ngram)
+            drafted = [i for i in plan.ngram if token_ids[i]]
+            self.rows_drafted["warmup"] += len(drafted)
             if input_batch is not None:
                 self._last_step = self._last_step._replace(ngram=frozenset(
-                    input_batch.req_ids[i] for i in plan.ngram if token_ids[i]))
+                    input_batch.req_ids[i] for i in drafted))
         mdlm_rows = plan.mdlm
         lookup_rows = [i for i in mdlm_rows if copy_all or lengths[i] > 0]
         if lookup_rows and self.lookup is not None:
@@ -221,9 +228,16 @@ class SpecDiffProposer:
             # pay (``copying_pays``): under load, or for sampled requests, which accept
             # a copied token only with probability p, verifying copies may not. Seeded
             # rows always draft, so whether one copies never depends on the load.
-            self._draft_ngram(self.lookup, lookup_rows,
-                              dict.fromkeys(lookup_rows, self.config.gamma), sampled_token_ids,
-                              num_tokens_no_spec, token_ids_cpu, token_ids)
+            # A row the MDLM would draft copies only after a match of at least
+            # prompt_lookup_min tokens (the MDLM guesses better than a shorter one);
+            # a row that would not draft at all copies after any match, down to one
+            # token: its alternative is a step for a single token.
+            for lookup, rows in ((self.lookup, [i for i in lookup_rows if lengths[i]]),
+                                 (self.lookup_alone, [i for i in lookup_rows if not lengths[i]])):
+                if rows:
+                    self._draft_ngram(lookup, rows, dict.fromkeys(rows, self.config.gamma),
+                                      sampled_token_ids, num_tokens_no_spec, token_ids_cpu,
+                                      token_ids)
             copied = [i for i in lookup_rows if token_ids[i]]
             if copied:
                 self.rows_drafted["lookup"] += len(copied)
