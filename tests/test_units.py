@@ -377,7 +377,7 @@ def test_copying_goes_on_without_the_mdlm_only_where_measured_to_pay():
     the MDLM's arms. After plain decoding's first steps, requests copy until copying has
     a few steps of its own; it goes on where those beat plain decoding by min_gain; where
     they do not, one step re-measures it after a wait that doubles."""
-    a = AdaptiveDraftLength(8, reprobe_after=4, reprobe_max=8)
+    a = AdaptiveDraftLength(8, probe_every=4, reprobe_max=8)
     assert not a.copying_pays(1)  # plain decoding, the reference, is measured first
     for _ in range(3):
         a.next_draft_len(1)
@@ -388,7 +388,7 @@ def test_copying_goes_on_without_the_mdlm_only_where_measured_to_pay():
     assert a.copying_pays(1)
     assert 8 not in a.buckets[0].arms  # the MDLM's gamma arm learned nothing from it
 
-    poor = AdaptiveDraftLength(8, reprobe_after=4, reprobe_max=8)
+    poor = AdaptiveDraftLength(8, probe_every=4, reprobe_max=8)
     for _ in range(3):
         poor.next_draft_len(32)
         poor.observe(StepOutcome(32, 0, tokens=32, seconds=0.02))  # 1,600 tokens/s
