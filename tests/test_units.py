@@ -374,35 +374,39 @@ def test_acceptance_for_the_logs_comes_from_the_step_outcomes():
 
 def test_copying_goes_on_without_the_mdlm_only_where_measured_to_pay():
     """Prompt lookup while the MDLM is off: measured like a draft length, apart from
-    the MDLM's arms. After plain decoding's first steps, requests copy until copying has
-    a few steps of its own; it goes on where those beat plain decoding by min_gain; where
-    they do not, one step re-measures it after a wait that doubles."""
-    a = AdaptiveDraftLength(8, probe_every=4, reprobe_max=8)
+    the MDLM's arms. Not tried before a step in which every request copied has been
+    seen; then measured for a few steps; on where those beat plain decoding by
+    min_gain; where they do not, one step re-measures it after a wait of probe_every
+    times its cost in plain steps, doubling."""
+    a = AdaptiveDraftLength(8, probe_every=4, reprobe_max=32)
     assert not a.copying_pays(1)  # plain decoding, the reference, is measured first
     for _ in range(3):
         a.next_draft_len(1)
         a.observe(StepOutcome(1, 0, tokens=1, seconds=0.002))  # plain: 500 tokens/s
-    for _ in range(3):
+    assert not a.copying_pays(1)  # copying never seen
+    a.observe_copied(StepOutcome(1, 8, tokens=4, seconds=0.0025))  # 1,600 tokens/s
+    for _ in range(2):
         assert a.copying_pays(1)  # measure it
-        a.observe_copied(StepOutcome(1, 8, tokens=4, seconds=0.0025))  # 1,600 tokens/s
+        a.observe_copied(StepOutcome(1, 8, tokens=4, seconds=0.0025))
     assert a.copying_pays(1)
     assert 8 not in a.buckets[0].arms  # the MDLM's gamma arm learned nothing from it
 
-    poor = AdaptiveDraftLength(8, probe_every=4, reprobe_max=8)
+    poor = AdaptiveDraftLength(8, probe_every=4, reprobe_max=32)
     for _ in range(3):
         poor.next_draft_len(32)
         poor.observe(StepOutcome(32, 0, tokens=32, seconds=0.02))  # 1,600 tokens/s
-    for _ in range(3):
+    poor.observe_copied(StepOutcome(32, 8, tokens=34, seconds=0.04))  # 850 tokens/s
+    for _ in range(2):
         assert poor.copying_pays(32)
-        poor.observe_copied(StepOutcome(32, 8, tokens=34, seconds=0.04))  # 850 tokens/s
+        poor.observe_copied(StepOutcome(32, 8, tokens=34, seconds=0.04))
     copies = []
-    for _ in range(40):
+    for _ in range(60):
         poor.next_draft_len(32)
         copies.append(poor.copying_pays(32))
         if copies[-1]:  # the re-measurement: still a loss
             poor.observe_copied(StepOutcome(32, 8, tokens=34, seconds=0.04))
-    # Re-measured after 4 steps, then 8, 8, ...: never two steps running.
-    assert [i for i, c in enumerate(copies) if c] == [3, 11, 19, 27, 35]
+    # A copying step costs 2 plain ones: re-measured after 4 x 2 = 8 steps, then 16, 32.
+    assert [i for i, c in enumerate(copies) if c] == [7, 23, 55]
     assert not poor.copying_pays(1)  # another bucket: plain decoding not measured there
 
 

@@ -42,8 +42,7 @@ copy their draft from their context, which costs no drafter pass) has its own pa
 ``copying_pays``: whether requests copy while the MDLM is off. Copying is measured
 like a draft length: a few steps first, then it goes on while it beats plain decoding
 by ``min_gain``, and while it does not, one step re-measures it after a wait that
-doubles (``probe_every`` up to ``reprobe_max`` steps: a copy that fails costs little,
-and what a request writes, so how much it can copy, changes within a request).
+grows with what such a step costs and doubles while copying keeps losing.
 """
 
 from __future__ import annotations
@@ -295,22 +294,28 @@ class AdaptiveDraftLength:
 
     def copying_pays(self, batch: int) -> bool:
         """Whether requests copy their drafts from their context while the MDLM is off
-        in this batch's bucket. Once plain decoding is measured: yes until copying has
-        ``warm_samples`` steps of its own, then while those beat plain decoding by
-        ``min_gain``; while they do not, yes for one step after a wait that doubles
-        (a re-measurement that replaces the older ones: what the requests write, and so
-        how much they can copy, changes)."""
+        in this batch's bucket. Never before copying has been seen at all there (a step
+        in which every request copied while the MDLM was on; under load such steps are
+        rare, and copying, which can make a step verify gamma + 1 tokens per request,
+        is then not tried blind). Once seen: yes until it has ``warm_samples`` steps,
+        then while those beat plain decoding by ``min_gain``; while they do not, yes for
+        one step after a wait (a re-measurement that replaces the older ones: what the
+        requests write, and so how much they can copy, changes). The wait starts at
+        ``probe_every`` steps times the copying step's cost in plain steps, so that a
+        losing re-measurement costs at most ~1/``probe_every`` of the steps between
+        them, and doubles (up to ``reprobe_max``) while copying keeps losing."""
         bucket = self.buckets.get(bucket_of(batch))
         plain = None if bucket is None else bucket.arms.get(0)
-        if plain is None or plain.samples < self.warm_samples:
+        copied = None if bucket is None else bucket.copied
+        if plain is None or plain.samples < self.warm_samples or not copied.samples:
             return False
-        copied = bucket.copied
         if copied.samples < self.warm_samples:
             return True
         if copied.rate >= self.min_gain * plain.rate:
             bucket.copy_wait = 0
             return True
-        bucket.copy_wait = bucket.copy_wait or self.probe_every
+        if not bucket.copy_wait:
+            bucket.copy_wait = round(self.probe_every * max(1.0, copied.seconds / plain.seconds))
         if bucket.steps - copied.last_step < bucket.copy_wait:
             return False
         bucket.copy_wait = min(2 * bucket.copy_wait, self.reprobe_max)
