@@ -76,7 +76,9 @@ class SpecDiffConfig(NamedTuple):
     # followed them (vLLM's n-gram proposer, verified as a point mass) instead of the
     # MDLM's draft; the MDLM drafts the other requests. Copying costs microseconds and
     # wins where the output repeats its context (summaries, RAG, a looping target).
-    # prompt_lookup_min 0: the MDLM drafts every request.
+    # While the controller keeps the MDLM off, a request copies after any match (n >= 1):
+    # its alternative is a step for one token. prompt_lookup_min 0: the MDLM drafts
+    # every request.
     prompt_lookup_min: int = PROMPT_LOOKUP[0]
     prompt_lookup_max: int = PROMPT_LOOKUP[1]
     # Filled at engine start (the resolved drafter folder), not by users.
