@@ -286,6 +286,33 @@ def test_while_drafting_is_off_one_step_is_re_measured_with_doubling_waits():
     assert probing < 0.01 * len(choices) * engine.cost(64, 0)  # under 1% of the run
 
 
+def test_a_drafter_with_a_cache_is_re_measured_on_its_second_step():
+    """With a drafter cache, the first step after drafting was off also re-encodes what
+    the cache missed; measured alone, that one-time cost kept drafting off for good on
+    the small pair. The re-probe runs two steps and measures only the second: here a
+    first step costs 3x the drafter's real cost, and drafting resumes after a re-probe
+    with catch_up, not without."""
+    plain, drafted = 0.005, 0.008  # seconds a step; drafted: 1.94 tokens, 1.2x plain's rate
+
+    def run(catch_up):
+        a = AdaptiveDraftLength(1, reprobe_after=8, catch_up=catch_up)
+        choices, since_off = [], True
+        for _ in range(15):
+            choice = a.next_draft_len(1)
+            choices.append(choice)
+            if choice and not a.position_evidence[0]:
+                a._learn_acceptance(1, (1,) * 8)  # acceptance 0.94: seen on 8 requests
+            seconds = (3 * drafted if since_off else drafted) if choice else plain
+            since_off = not choice
+            a.observe(StepOutcome(1, choice, tokens=2 if choice else 1, seconds=seconds,
+                                  accepted=(1,) if choice else ()))
+        return choices
+
+    # plain decoding 3 steps, gamma's first step (3x), off, the re-probe at step 13
+    assert run(catch_up=True) == [0, 0, 0, 1] + [0] * 8 + [1, 1, 1]
+    assert run(catch_up=False) == [0, 0, 0, 1] + [0] * 8 + [1, 0, 0]
+
+
 def test_drafting_resumes_when_a_re_measured_length_pays_again():
     """A cost measured under other traffic must not keep drafting off for good."""
     engine = ScriptedEngine(GOOD_DRAFTER, draft=3e-3)

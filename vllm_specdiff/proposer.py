@@ -143,6 +143,7 @@ class SpecDiffProposer:
             max_positions=self.max_model_len + gamma + 1,
         )
         if use_cache:
+            self.adaptive.catch_up = True
             self.exact_cache = block_causal
             self.cache = make_drafter_cache(
                 model.config, self.vllm_config.scheduler_config.max_num_seqs, window, dtype,
