@@ -442,7 +442,9 @@ def environment(script: str, argv: list[str]) -> dict:
         pass
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                             capture_output=True, text=True).stdout.strip() or "unknown"
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+    # Result files written by earlier runs of a chain are not the code being measured.
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                            ":(exclude)benchmarks/results"], cwd=ROOT,
                            capture_output=True, text=True).stdout.strip()
     return {"command": f"python benchmarks/{script} " + " ".join(argv),
             "commit": commit + (" (with uncommitted changes)" if dirty else ""),
