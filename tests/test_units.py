@@ -313,6 +313,23 @@ def test_a_drafter_with_a_cache_is_re_measured_on_its_second_step():
     assert run(catch_up=False) == [0, 0, 0, 1] + [0] * 8 + [1, 0, 0]
 
 
+def test_acceptance_evidence_ages_while_nothing_is_drafted():
+    """Acceptance learned before drafting went off must not outweigh what a re-probe
+    sees after a long while off: the evidence ages with plain steps too."""
+    def after_off(plain_steps):
+        a = AdaptiveDraftLength(4)
+        for _ in range(40):  # content the drafter cannot guess: nothing accepted
+            a.observe(StepOutcome(1, 4, tokens=1, seconds=0.01, accepted=(0,)))
+        for _ in range(plain_steps):
+            a.observe(StepOutcome(1, 0, tokens=1, seconds=0.005))
+        for _ in range(2):  # the re-probe: now the drafter's first token passes
+            a.observe(StepOutcome(1, 4, tokens=5, seconds=0.01, accepted=(4,)))
+        return a.position_acceptance[0]
+
+    assert after_off(0) < 0.2  # drafting on throughout: 2 rows against ~40
+    assert after_off(64) > 0.6  # 64 steps off: the re-probe's 2 rows decide
+
+
 def test_drafting_resumes_when_a_re_measured_length_pays_again():
     """A cost measured under other traffic must not keep drafting off for good."""
     engine = ScriptedEngine(GOOD_DRAFTER, draft=3e-3)

@@ -83,7 +83,7 @@ def bucket_of(batch: int) -> int:
 
 RECENT = 9  # step costs an arm remembers; their median is its cost
 ACCEPTANCE_DECAY = 0.95  # per step: the acceptance model follows the last ~20 steps ...
-ROW_DECAY = 1 - 1 / 64  # ... and at least the last ~64 drafted rows (at small batches)
+ROW_DECAY = 1 - 1 / 64  # ... and, while drafting, at least the last ~64 drafted rows
 MIN_EVIDENCE = 8  # drafted rows seen at position 0 before acceptance is predicted from
 PRIOR_ROWS = 4  # pseudo-rows pulling a deep position's acceptance towards the one before
 MEASURED_ROWS = 32  # rows an arm's recent steps must cover before their tokens cap its prediction
@@ -179,6 +179,12 @@ class AdaptiveDraftLength:
             accepted = (step.tokens - step.batch) / (step.batch * step.draft_len)
             self.acceptance = 0.9 * self.acceptance + 0.1 * min(1.0, max(0.0, accepted))
             self._learn_acceptance(step.draft_len, step.accepted)
+        else:
+            # What the requests write changes while nothing is drafted: the evidence ages
+            # with the steps, so that a re-probe after a while off weighs what it sees now
+            # (the content that switched drafting off may be long gone).
+            self._reached = [ACCEPTANCE_DECAY * r for r in self._reached]
+            self._passed = [ACCEPTANCE_DECAY * r for r in self._passed]
         bucket = self.buckets.setdefault(bucket_of(step.batch), Bucket())
         if bucket.catching_up is not None and bucket.catching_up == step.draft_len:
             return  # see _reprobe: next_draft_len runs this length once more
