@@ -294,12 +294,16 @@ def test_a_drafter_with_a_cache_is_re_measured_on_its_second_step():
     with catch_up, not without."""
     plain, drafted = 0.005, 0.008  # seconds a step; drafted: 1.94 tokens, 1.2x plain's rate
 
+    reprobing = []
+
     def run(catch_up):
         a = AdaptiveDraftLength(1, reprobe_after=8, catch_up=catch_up)
         choices, since_off = [], True
+        reprobing.clear()
         for _ in range(15):
             choice = a.next_draft_len(1)
             choices.append(choice)
+            reprobing.append(a.reprobing)  # the proposer then lets no request copy
             if choice and not a.position_evidence[0]:
                 a._learn_acceptance(1, (1,) * 8)  # acceptance 0.94: seen on 8 requests
             seconds = (3 * drafted if since_off else drafted) if choice else plain
@@ -310,6 +314,7 @@ def test_a_drafter_with_a_cache_is_re_measured_on_its_second_step():
 
     # plain decoding 3 steps, gamma's first step (3x), off, the re-probe at step 13
     assert run(catch_up=True) == [0, 0, 0, 1] + [0] * 8 + [1, 1, 1]
+    assert [i for i, r in enumerate(reprobing) if r] == [12, 13]
     assert run(catch_up=False) == [0, 0, 0, 1] + [0] * 8 + [1, 0, 0]
 
 

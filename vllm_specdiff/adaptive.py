@@ -168,6 +168,10 @@ class AdaptiveDraftLength:
         self._passed = [0.0] * gamma
         self.acceptance = 0.0  # accepted / drafted tokens (ema), for the logs
         self._last_choice: dict[int, int] = {}
+        # Whether the latest next_draft_len re-measures a draft length while drafting is
+        # off: the drafter then drafts every request, none copies (a copied row would
+        # leave the re-probe without a measurement of the drafter, and drafting off).
+        self.reprobing = False
         self._last_log = 0.0
 
     # -- input ---------------------------------------------------------------------
@@ -283,6 +287,7 @@ class AdaptiveDraftLength:
     # -- output --------------------------------------------------------------------
 
     def next_draft_len(self, batch: int) -> int:
+        self.reprobing = False
         if not self.enabled or batch == 0:
             return self.gamma
         bucket = self.buckets.setdefault(bucket_of(batch), Bucket())
@@ -290,6 +295,7 @@ class AdaptiveDraftLength:
         known = self._measured(bucket.arms)
         if bucket.catching_up is not None:
             choice, bucket.catching_up = bucket.catching_up, None  # the measured step
+            self.reprobing = True
         elif 0 not in known:
             choice = 0  # plain decoding: the reference, measured at no extra cost
         elif self.gamma not in known or self.position_evidence[0] < MIN_EVIDENCE:
@@ -303,6 +309,7 @@ class AdaptiveDraftLength:
             paying = [n for n in self.draft_lens if n and rates[n] >= bar]
             if not paying:
                 choice = self._reprobe(bucket, max((n for n in self.draft_lens if n), key=rates.get))
+                self.reprobing = choice > 0
             else:
                 choice = max(paying, key=rates.get)
                 bucket.reprobe_at = None

@@ -202,7 +202,7 @@ class SpecDiffProposer:
         plan = plan_rows(sampled_token_ids, num_tokens_no_spec,
                          None if input_batch is None else input_batch.num_prompt_tokens,
                          self.max_model_len, warmup)
-        draft_len, copy_all = self._agreed_plan(plan.batch)
+        draft_len, copy_all, reprobing = self._agreed_plan(plan.batch)
         self._last_step = LastStep(draft_len, plan.batch, now, after_decode=pure_decode)
         token_ids: list[list[int]] = [[] for _ in sampled_token_ids]
         generators = self._generators(input_batch)
@@ -221,7 +221,10 @@ class SpecDiffProposer:
                 self._last_step = self._last_step._replace(ngram=frozenset(
                     input_batch.req_ids[i] for i in drafted))
         mdlm_rows = plan.mdlm
-        lookup_rows = [i for i in mdlm_rows if copy_all or lengths[i] > 0]
+        # A re-probe measures the MDLM: its rows do not copy (seeded rows still may,
+        # so that what they draft never depends on the controller).
+        lookup_rows = [i for i in mdlm_rows if (copy_all or lengths[i] > 0)
+                       and not (reprobing and generators.get(i) is None)]
         if lookup_rows and self.lookup is not None:
             # Copying costs microseconds, so a row that can copy drafts the full gamma
             # whatever length the controller chose for the MDLM. While the controller
@@ -315,15 +318,16 @@ class SpecDiffProposer:
                      for rid, s in zip(req_ids, sampled_token_ids) if s)
         self.adaptive.observe(StepOutcome(last.batch, last.draft_len, tokens, seconds, accepted))
 
-    def _agreed_plan(self, batch: int) -> tuple[int, bool]:
-        """The MDLM's draft length, and whether every row may copy (even while that
-        length is 0). Every tensor-parallel rank runs this proposer on the same inputs;
-        everything else it does is deterministic or seeded alike, but the controller
-        follows a clock. Rank 0's choice is broadcast, so all ranks draft the same
-        tokens and q."""
-        def choose() -> tuple[int, bool]:
+    def _agreed_plan(self, batch: int) -> tuple[int, bool, bool]:
+        """The MDLM's draft length, whether every row may copy (even while that length
+        is 0), and whether the step re-measures the MDLM (then no row copies). Every
+        tensor-parallel rank runs this proposer on the same inputs; everything else it
+        does is deterministic or seeded alike, but the controller follows a clock. Rank
+        0's choice is broadcast, so all ranks draft the same tokens and q."""
+        def choose() -> tuple[int, bool, bool]:
             draft_len = self.adaptive.next_draft_len(batch)
-            return draft_len, self.lookup is not None and self.adaptive.copying_pays(batch)
+            copy_all = self.lookup is not None and self.adaptive.copying_pays(batch)
+            return draft_len, copy_all, self.adaptive.reprobing
 
         if self.tp_group is None or not self.adaptive.enabled:
             return choose()
