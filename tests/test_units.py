@@ -335,6 +335,20 @@ def test_acceptance_evidence_ages_while_nothing_is_drafted():
     assert after_off(64) > 0.6  # 64 steps off: the re-probe's 2 rows decide
 
 
+def test_deep_positions_a_short_draft_never_reaches_lean_on_the_ones_before():
+    """An unlucky stretch at gamma 8 (everything after the first token rejected), then
+    only 1-token drafts, which pass: the deep positions must recover towards the first
+    position's acceptance, or gamma 1 would look best for good."""
+    a = AdaptiveDraftLength(8)
+    for _ in range(30):
+        a.observe(StepOutcome(1, 8, tokens=2, seconds=0.01, accepted=(1,)))
+    assert a.expected_tokens(8) < 2.2
+    for _ in range(200):
+        a.observe(StepOutcome(1, 1, tokens=2, seconds=0.01, accepted=(1,)))
+    assert a.position_acceptance[0] > 0.9 and min(a.position_acceptance) > 0.7
+    assert a.expected_tokens(8) > 4
+
+
 def test_drafting_resumes_when_a_re_measured_length_pays_again():
     """A cost measured under other traffic must not keep drafting off for good."""
     engine = ScriptedEngine(GOOD_DRAFTER, draft=3e-3)

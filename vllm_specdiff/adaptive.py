@@ -220,11 +220,15 @@ class AdaptiveDraftLength:
         # on the small pair the tokens predicted for a gamma-4 step read 2.0 at the end
         # of one run and 3.5 at the end of another, and drafting, worth 1.3x there, went
         # off for a third of some runs.
+        # Positions this step did not reach age too and lean on the ones before them:
+        # otherwise a short draft length, which never reaches them, keeps their last
+        # (perhaps unlucky) estimates for good and never looks deeper again (a small-
+        # pair run drafted 1 token on half of its steps, pair_bench_small_lookup).
+        if not accepted:
+            return
         decay = max(ACCEPTANCE_DECAY, ROW_DECAY ** len(accepted))
-        for i in range(min(draft_len, self.gamma)):
-            reached = sum(a >= i for a in accepted)
-            if not reached:
-                break
+        for i in range(self.gamma):
+            reached = sum(a >= i for a in accepted) if i < draft_len else 0
             self._reached[i] = decay * self._reached[i] + reached
             self._passed[i] = decay * self._passed[i] + sum(a > i for a in accepted)
             prior, rows = (0.5, 1.0) if i == 0 else (self.position_acceptance[i - 1], PRIOR_ROWS)
