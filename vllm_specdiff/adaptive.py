@@ -11,8 +11,8 @@ learned from the steps it sees:
   drafter writes and the target scores);
 - **acceptance**: the probability that draft position i is accepted given that
   position i - 1 was (from each request's accepted count; a position seen on few rows
-  leans on the one before it), shared by all buckets, so the expected tokens of a step
-  at draft length k are 1 + a_1 + a_1 a_2 + ...
+  leans on the one before it; the evidence ages with every step), shared by all
+  buckets, so the expected tokens of a step at draft length k are 1 + a_1 + a_1 a_2 + ...
 
 The goodput of draft length k is batch * tokens(k) / cost(k). A new bucket measures
 two arms first: 0 (plain decoding, which costs nothing extra to measure; its cost is
@@ -29,7 +29,8 @@ length predicted to pay that does not is dropped after one step. Every
 the costs stay current.
 
 While drafting is off, the most promising draft length is re-measured with a single
-step after ``reprobe_after`` steps, and the wait doubles (up to ``reprobe_max``) each
+step (two with ``catch_up``, the second measured: see ``_reprobe``) after
+``reprobe_after`` steps, and the wait doubles (up to ``reprobe_max``) each
 time drafting stays off: a cost measured under other traffic cannot keep drafting off
 for good, and under a load where drafting never pays the probes cost a few steps in a
 thousand. (Under load a drafted step costs several plain ones, so every exploratory
@@ -40,7 +41,8 @@ One input, one output: ``observe(StepOutcome)`` after each decode step, and
 copy their draft from their context, which costs no drafter pass) has its own pair:
 ``observe_copied`` for a step in which requests copied and the MDLM drafted none, and
 ``copying_pays``: whether requests copy while the MDLM is off. Copying is measured
-like a draft length: a few steps first, then it goes on while it beats plain decoding
+like a draft length once it has been seen in the bucket: a few steps first, then it
+goes on while it beats plain decoding
 by ``min_gain``, and while it does not, one step re-measures it after a wait that
 grows with what such a step costs and doubles while copying keeps losing.
 """
