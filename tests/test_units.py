@@ -334,6 +334,15 @@ def test_acceptance_evidence_ages_while_nothing_is_drafted():
     assert after_off(0) < 0.2  # drafting on throughout: 2 rows against ~40
     assert after_off(64) > 0.6  # 64 steps off: the re-probe's 2 rows decide
 
+    copying = AdaptiveDraftLength(4)  # the MDLM off, requests copying meanwhile
+    for _ in range(40):
+        copying.observe(StepOutcome(1, 4, tokens=1, seconds=0.01, accepted=(0,)))
+    for _ in range(64):
+        copying.observe_copied(StepOutcome(1, 0, tokens=3, seconds=0.006))
+    for _ in range(2):
+        copying.observe(StepOutcome(1, 4, tokens=5, seconds=0.01, accepted=(4,)))
+    assert copying.position_acceptance[0] > 0.6
+
 
 def test_deep_positions_a_short_draft_never_reaches_lean_on_the_ones_before():
     """An unlucky stretch at gamma 8 (everything after the first token rejected), then
