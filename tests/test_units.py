@@ -446,16 +446,20 @@ def test_acceptance_for_the_logs_comes_from_the_step_outcomes():
 
 def test_copying_goes_on_without_the_mdlm_only_where_measured_to_pay():
     """Prompt lookup while the MDLM is off: measured like a draft length, apart from
-    the MDLM's arms. Not tried before a step in which every request copied has been
-    seen; then measured for a few steps; on where those beat plain decoding by
-    min_gain; where they do not, one step re-measures it after a wait of probe_every
-    times its cost in plain steps, doubling."""
-    a = AdaptiveDraftLength(8, probe_every=4, reprobe_max=32)
+    the MDLM's arms. Never seen, it is tried once after reprobe_after steps; seen, it is
+    measured for a few steps and goes on where those beat plain decoding by min_gain;
+    where they do not, one step re-measures it after a wait of probe_every times its
+    cost in plain steps, doubling."""
+    a = AdaptiveDraftLength(8, probe_every=4, reprobe_after=6, reprobe_max=32)
     assert not a.copying_pays(1)  # plain decoding, the reference, is measured first
     for _ in range(3):
         a.next_draft_len(1)
         a.observe(StepOutcome(1, 0, tokens=1, seconds=0.002))  # plain: 500 tokens/s
-    assert not a.copying_pays(1)  # copying never seen
+    tries = []
+    for _ in range(8):  # never seen: one try after 6 steps
+        a.next_draft_len(1)
+        tries.append(a.copying_pays(1))
+    assert [i for i, t in enumerate(tries) if t] == [6], tries
     a.observe_copied(StepOutcome(1, 8, tokens=4, seconds=0.0025))  # 1,600 tokens/s
     for _ in range(2):
         assert a.copying_pays(1)  # measure it
@@ -478,7 +482,7 @@ def test_copying_goes_on_without_the_mdlm_only_where_measured_to_pay():
         if copies[-1]:  # the re-measurement: still a loss
             poor.observe_copied(StepOutcome(32, 8, tokens=34, seconds=0.04))
     # A copying step costs 2 plain ones: re-measured after 4 x 2 = 8 steps, then 16, 32.
-    assert [i for i, c in enumerate(copies) if c] == [7, 23, 55]
+    assert [i for i, c in enumerate(copies) if c] == [8, 24, 56]
     assert not poor.copying_pays(1)  # another bucket: plain decoding not measured there
 
 

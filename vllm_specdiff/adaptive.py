@@ -41,10 +41,9 @@ One input, one output: ``observe(StepOutcome)`` after each decode step, and
 copy their draft from their context, which costs no drafter pass) has its own pair:
 ``observe_copied`` for a step in which requests copied and the MDLM drafted none, and
 ``copying_pays``: whether requests copy while the MDLM is off. Copying is measured
-like a draft length once it has been seen in the bucket: a few steps first, then it
-goes on while it beats plain decoding
-by ``min_gain``, and while it does not, one step re-measures it after a wait that
-grows with what such a step costs and doubles while copying keeps losing.
+like a draft length: a few steps first, then it goes on while it beats plain decoding
+by ``min_gain``; unseen or losing, one step tries it after a wait that grows with
+what such a step costs and doubles while copying keeps losing.
 """
 
 from __future__ import annotations
@@ -140,7 +139,8 @@ class Bucket:
     steps: int = 0
     reprobe_at: int | None = None  # step at which drafting-off re-measures a draft length
     reprobe_wait: int = 0
-    copy_wait: int = 0  # steps before copying, measured not to pay, is measured again
+    copy_at: int | None = None  # step at which copying, unseen or losing, is tried again
+    copy_wait: int = 0
     catching_up: int | None = None  # a re-probed draft length whose first step is not measured
 
 
@@ -335,31 +335,34 @@ class AdaptiveDraftLength:
 
     def copying_pays(self, batch: int) -> bool:
         """Whether requests copy their drafts from their context while the MDLM is off
-        in this batch's bucket. Never before copying has been seen at all there (a step
-        in which every request copied while the MDLM was on; under load such steps are
-        rare, and copying, which can make a step verify gamma + 1 tokens per request,
-        is then not tried blind). Once seen: yes until it has ``warm_samples`` steps,
-        then while those beat plain decoding by ``min_gain``; while they do not, yes for
-        one step after a wait (a re-measurement that replaces the older ones: what the
-        requests write, and so how much they can copy, changes). The wait starts at
-        ``probe_every`` steps times the copying step's cost in plain steps, so that a
-        losing re-measurement costs at most ~1/``probe_every`` of the steps between
-        them, and doubles (up to ``reprobe_max``) while copying keeps losing."""
+        in this batch's bucket. Once plain decoding is measured: after copying has been
+        seen (a step in which requests copied and the MDLM drafted none), yes for
+        ``warm_samples`` steps, then while those beat plain decoding by ``min_gain``.
+        Otherwise one step tries it after a wait (a re-measurement that replaces the
+        older ones: what the requests write, so how much they can copy, changes): where
+        copying was never seen, ``reprobe_after`` steps (under load a step in which
+        every request copies can verify gamma + 1 tokens per request: not tried often
+        blind); where it lost, ``probe_every`` steps times its cost in plain steps, so
+        that a losing re-measurement costs ~1/``probe_every`` of the steps between them.
+        The wait doubles (up to ``reprobe_max``) while copying keeps losing."""
         bucket = self.buckets.get(bucket_of(batch))
         plain = None if bucket is None else bucket.arms.get(0)
-        copied = None if bucket is None else bucket.copied
-        if plain is None or plain.samples < self.warm_samples or not copied.samples:
+        if plain is None or plain.samples < self.warm_samples:
             return False
-        if copied.samples < self.warm_samples:
+        copied = bucket.copied
+        if copied.samples and (copied.samples < self.warm_samples
+                               or copied.rate >= self.min_gain * plain.rate):
+            bucket.copy_at = None
             return True
-        if copied.rate >= self.min_gain * plain.rate:
-            bucket.copy_wait = 0
-            return True
-        if not bucket.copy_wait:
-            bucket.copy_wait = round(self.probe_every * max(1.0, copied.seconds / plain.seconds))
-        if bucket.steps - copied.last_step < bucket.copy_wait:
+        if bucket.copy_at is None:
+            bucket.copy_wait = (round(self.probe_every * max(1.0, copied.seconds / plain.seconds))
+                                if copied.samples else self.reprobe_after)
+            bucket.copy_at = bucket.steps + bucket.copy_wait
+            return False
+        if bucket.steps < bucket.copy_at:
             return False
         bucket.copy_wait = min(2 * bucket.copy_wait, self.reprobe_max)
+        bucket.copy_at = bucket.steps + bucket.copy_wait
         copied.stale = True
         return True
 
