@@ -228,7 +228,8 @@ class AdaptiveDraftLength:
         # At batch 1 twenty steps are twenty rows, each accepting a few tokens or none:
         # on the small pair the tokens predicted for a gamma-4 step read 2.0 at the end
         # of one run and 3.5 at the end of another, and drafting, worth 1.3x there, went
-        # off for a third of some runs.
+        # off for a third of some runs. Hence the memory of at least ~64 rows.
+        #
         # Positions this step did not reach age too and lean on the ones before them:
         # otherwise a short draft length, which never reaches them, keeps their last
         # (perhaps unlucky) estimates for good and never looks deeper again (a small-
@@ -369,12 +370,12 @@ class AdaptiveDraftLength:
     def _reprobe(self, bucket: Bucket, candidate: int) -> int:
         """Drafting is off in this bucket: 0, or once per (doubling) wait the draft
         length predicted best, measured afresh; with ``catch_up`` over two steps of which
-        only the second counts. The first also pays for what drafting missed while it was off (the
-        drafter cache re-encodes every token generated since: on the small pair at
-        batch 1, 13-14 ms against 9-10 for a drafted step), and measured alone it kept
-        drafting off for good in runs where drafting paid 1.3x. Only with ``catch_up``
-        (a drafter with a cache): otherwise the first step is like any other, and one
-        step is measured."""
+        only the second counts. The first also pays for what drafting missed while it
+        was off (the drafter cache re-encodes every token generated since: on the small
+        pair at batch 1, 13-14 ms against 9-10 for a drafted step), and measured alone it
+        kept drafting off for good in runs where drafting paid 1.3x. Only with
+        ``catch_up`` (a drafter with a cache): otherwise the first step is like any
+        other, and one step is measured."""
         if bucket.reprobe_at is None:
             bucket.reprobe_wait = self.reprobe_after
             bucket.reprobe_at = bucket.steps + bucket.reprobe_wait
