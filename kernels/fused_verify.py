@@ -499,7 +499,7 @@ def fused_verify_reference(
         q_first = torch.full((B,), -1, dtype=torch.int64, device=device)
     row_q = q_first >= 0
     if bool(is_greedy.all()):
-        return _verify_all_greedy(logits, x, draft_token_ids, first_row, cu, n, req_of_draft,
+        return _verify_all_greedy(logits, x, draft_token_ids, first_row, n, req_of_draft,
                                   pos_of_draft, bonus_token_ids, max_spec_len)
 
     # The accept walk: `alive` = requests that accepted drafts 0 .. j-1 and have a draft j.
@@ -550,7 +550,7 @@ def fused_verify_reference(
     return _assemble(B, max_spec_len, draft_token_ids, req_of_draft, pos_of_draft, num_accepted, final_token, device)
 
 
-def _verify_all_greedy(logits, x, draft_token_ids, first_row, cu, n, req_of_draft, pos_of_draft,
+def _verify_all_greedy(logits, x, draft_token_ids, first_row, n, req_of_draft, pos_of_draft,
                        bonus_token_ids, max_spec_len):
     """The reference for a batch of greedy requests only: the argmax of every row in one
     call instead of one round of small calls per draft position. On the CPU each round

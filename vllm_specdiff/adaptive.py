@@ -188,7 +188,7 @@ class AdaptiveDraftLength:
         else:
             self._age_acceptance()
         bucket = self.buckets.setdefault(bucket_of(step.batch), Bucket())
-        if bucket.catching_up is not None and bucket.catching_up == step.draft_len:
+        if bucket.catching_up == step.draft_len:
             return  # see _reprobe: next_draft_len runs this length once more
         arm = bucket.arms.setdefault(step.draft_len, Arm())
         arm.last_step = bucket.steps
