@@ -94,7 +94,8 @@ MEASURED_ROWS = 32  # rows an arm's recent steps must cover before their tokens 
 class Arm:
     """The recent step costs of one draft length in one bucket. A median, not a mean:
     a garbage-collection pause or a one-time warm-up (a new shape) makes single steps
-    several times slower, and one such step must not decide the draft length for long."""
+    several times slower, and one such step must not decide the draft length for long.
+    The controller reads them every step, so they are computed when a step is recorded."""
 
     costs: deque = field(default_factory=lambda: deque(maxlen=RECENT))
     tokens: deque = field(default_factory=lambda: deque(maxlen=RECENT))  # per step
@@ -102,6 +103,10 @@ class Arm:
     samples: int = 0
     last_step: int = 0  # the bucket's step count at the latest sample
     stale: bool = False  # re-probed: its next sample replaces the older ones
+    seconds: float = 0.0  # median of the recent step costs
+    rate: float = 0.0  # measured tokens/s of the recent steps
+    tokens_per_row: float = 0.0
+    rows_seen: int = 0  # requests the recent steps covered
 
     def record(self, step: "StepOutcome") -> None:
         """Add one step's cost and tokens (after dropping the older ones if re-probed),
@@ -117,19 +122,10 @@ class Arm:
         self.tokens.append(step.tokens)
         self.rows.append(step.batch)
         self.samples += 1
-
-    @property
-    def seconds(self) -> float:
-        return statistics.median(self.costs)
-
-    @property
-    def rate(self) -> float:
-        """Measured tokens/s of its recent steps."""
-        return sum(self.tokens) / sum(self.costs)
-
-    @property
-    def tokens_per_row(self) -> float:
-        return sum(self.tokens) / sum(self.rows)
+        self.seconds = statistics.median(self.costs)
+        tokens, self.rows_seen = sum(self.tokens), sum(self.rows)
+        self.rate = tokens / sum(self.costs)
+        self.tokens_per_row = tokens / self.rows_seen
 
 
 @dataclass
@@ -168,6 +164,8 @@ class AdaptiveDraftLength:
         self.position_evidence = [0] * gamma  # rows seen at each position, ever
         self._reached = [0.0] * gamma
         self._passed = [0.0] * gamma
+        self._unapplied_age = 1.0  # aging owed to _reached and _passed (applied when read)
+        self._expected = [1.0] * (gamma + 1)  # expected_tokens of each draft length
         self.acceptance = 0.0  # accepted / drafted tokens (ema), for the logs
         self._last_choice: dict[int, int] = {}
         # Whether the latest next_draft_len re-measures a draft length while drafting is
@@ -175,6 +173,13 @@ class AdaptiveDraftLength:
         # leave the re-probe without a measurement of the drafter, and drafting off).
         self.reprobing = False
         self._last_log = 0.0
+
+    def _bucket(self, batch: int) -> Bucket:
+        key = bucket_of(batch)
+        bucket = self.buckets.get(key)  # not setdefault: it would build a Bucket every step
+        if bucket is None:
+            bucket = self.buckets[key] = Bucket()
+        return bucket
 
     # -- input ---------------------------------------------------------------------
 
@@ -187,7 +192,7 @@ class AdaptiveDraftLength:
             self._learn_acceptance(step.draft_len, step.accepted)
         else:
             self._age_acceptance()
-        bucket = self.buckets.setdefault(bucket_of(step.batch), Bucket())
+        bucket = self._bucket(step.batch)
         if bucket.catching_up == step.draft_len:
             return  # see _reprobe: next_draft_len runs this length once more
         arm = bucket.arms.setdefault(step.draft_len, Arm())
@@ -201,7 +206,7 @@ class AdaptiveDraftLength:
         if step.seconds <= 0 or step.batch <= 0:
             return
         self._age_acceptance()
-        bucket = self.buckets.setdefault(bucket_of(step.batch), Bucket())
+        bucket = self._bucket(step.batch)
         bucket.copied.last_step = bucket.steps
         bucket.copied.record(step)
 
@@ -212,8 +217,9 @@ class AdaptiveDraftLength:
         gone). Copying steps age it too: on the small pair a run that copied while the
         MDLM was off otherwise never turned the MDLM back on (0.98x, against 1.66x
         without prompt lookup, pair_bench_small_lookup at fabb67b)."""
-        self._reached = [ACCEPTANCE_DECAY * r for r in self._reached]
-        self._passed = [ACCEPTANCE_DECAY * r for r in self._passed]
+        # Owed rather than applied: only _learn_acceptance reads the counts, and a run
+        # with drafting off would otherwise rescale them every step for nothing.
+        self._unapplied_age *= ACCEPTANCE_DECAY
 
     def _learn_acceptance(self, draft_len: int, accepted: tuple[int, ...]) -> None:
         """Decayed counts of requests that reached and passed each position. The first
@@ -236,7 +242,8 @@ class AdaptiveDraftLength:
         # pair run drafted 1 token on half of its steps, pair_bench_small_lookup).
         if not accepted:
             return
-        decay = max(ACCEPTANCE_DECAY, ROW_DECAY ** len(accepted))
+        decay = max(ACCEPTANCE_DECAY, ROW_DECAY ** len(accepted)) * self._unapplied_age
+        self._unapplied_age = 1.0
         for i in range(self.gamma):
             reached = sum(a >= i for a in accepted) if i < draft_len else 0
             self._reached[i] = decay * self._reached[i] + reached
@@ -245,12 +252,16 @@ class AdaptiveDraftLength:
             self.position_acceptance[i] = ((self._passed[i] + rows * prior)
                                            / (self._reached[i] + rows))
             self.position_evidence[i] += reached
+        self._expected = [self._expected_tokens(n) for n in range(self.gamma + 1)]
 
     # -- model ---------------------------------------------------------------------
 
     def expected_tokens(self, draft_len: int) -> float:
         """Tokens per request of a step at this draft length: 1 + sum of the products of
         the per-position acceptance (positions never observed: the last observed one)."""
+        return self._expected[draft_len]
+
+    def _expected_tokens(self, draft_len: int) -> float:
         total, prefix, last = 1.0, 1.0, 0.0
         for i in range(draft_len):
             if self.position_evidence[i]:
@@ -265,9 +276,9 @@ class AdaptiveDraftLength:
         return sorted(n for n, a in arms.items()
                       if a.samples >= (self.warm_samples if n == 0 else 1))
 
-    def _cost(self, arms: dict[int, Arm], draft_len: int) -> float | None:
-        """Measured cost, else linear between (or beyond) the nearest measured lengths."""
-        known = self._measured(arms)
+    def _cost(self, arms: dict[int, Arm], known: list[int], draft_len: int) -> float | None:
+        """Measured cost, else linear between (or beyond) the nearest measured lengths
+        (``known``: ``_measured(arms)``)."""
         if draft_len in known:
             return arms[draft_len].seconds
         if len(known) < 2:
@@ -288,13 +299,17 @@ class AdaptiveDraftLength:
         and length, and a step's tokens include rows it does not model (n-gram warm-up
         rows, rows cut short by the length limit). A few rows at small batches are too
         noisy to rank by, so below that only the model counts."""
-        arms = self.buckets.get(bucket_of(batch), Bucket()).arms
-        cost = self._cost(arms, draft_len)
+        arms = self._bucket(batch).arms
+        return self._goodput(arms, self._measured(arms), batch, draft_len)
+
+    def _goodput(self, arms: dict[int, Arm], known: list[int], batch: int,
+                 draft_len: int) -> float | None:
+        cost = self._cost(arms, known, draft_len)
         if cost is None:
             return None
         tokens = self.expected_tokens(draft_len)
         arm = arms.get(draft_len)
-        if draft_len and arm is not None and sum(arm.rows) >= MEASURED_ROWS:
+        if draft_len and arm is not None and arm.rows_seen >= MEASURED_ROWS:
             tokens = min(tokens, arm.tokens_per_row)
         return batch * tokens / cost
 
@@ -304,7 +319,7 @@ class AdaptiveDraftLength:
         self.reprobing = False
         if not self.enabled or batch == 0:
             return self.gamma
-        bucket = self.buckets.setdefault(bucket_of(batch), Bucket())
+        bucket = self._bucket(batch)
         bucket.steps += 1
         known = self._measured(bucket.arms)
         if bucket.catching_up is not None:
@@ -318,7 +333,7 @@ class AdaptiveDraftLength:
             # are drafted by the n-gram warm-up), nothing can be predicted.
             choice = self.gamma
         else:
-            rates = {n: self.goodput(batch, n) for n in self.draft_lens}
+            rates = {n: self._goodput(bucket.arms, known, batch, n) for n in self.draft_lens}
             bar = self.min_gain * rates[0]
             paying = [n for n in self.draft_lens if n and rates[n] >= bar]
             if not paying:

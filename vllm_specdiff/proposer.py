@@ -206,6 +206,8 @@ class SpecDiffProposer:
         self._last_step = LastStep(draft_len, plan.batch, now, after_decode=pure_decode)
         token_ids: list[list[int]] = [[] for _ in sampled_token_ids]
         generators = self._generators(input_batch)
+        if not (draft_len or copy_all or generators):
+            return Proposal(token_ids)  # no row drafts (the rest would find that out row by row)
         # Seeded requests always draft the full gamma: their random streams are then
         # consumed the same way whatever the load, so their output is reproducible.
         lengths = {i: self.config.gamma if generators.get(i) is not None else draft_len
