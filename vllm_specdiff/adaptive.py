@@ -25,13 +25,14 @@ finish at different steps leave partly filled batches and spread the next prefil
 over more steps), so a draft length that merely ties plain decoding step for step
 loses over a run. A drafted arm's first measured step replaces its prediction, so a
 length predicted to pay that does not is dropped after one step. Every
-``probe_every`` steps plain decoding or another length that pays is re-measured, so
-the costs stay current.
+``probe_every`` steps plain decoding or another length that pays is re-measured (or
+gamma, once its cost has aged: ``_gamma_due``), so the costs stay current.
 
-While drafting is off, the most promising draft length is re-measured with a single
-step (two with ``catch_up``, the second measured: see ``_reprobe``) after
-``reprobe_after`` steps, and the wait doubles (up to ``reprobe_max``) each
-time drafting stays off: a cost measured under other traffic cannot keep drafting off
+While drafting is off, the most promising draft length (or gamma, when its cost is
+the older measurement: every length between is interpolated from it) is re-measured
+over steps that draft ``MIN_EVIDENCE`` rows (one more with ``catch_up``, not
+measured: see ``_reprobe``) after ``reprobe_after`` steps, and the wait doubles (up to
+``reprobe_max``) each time drafting stays off: a cost measured under other traffic cannot keep drafting off
 for good, and under a load where drafting never pays the probes cost a few steps in a
 thousand. (Under load a drafted step costs several plain ones, so every exploratory
 step shows in a 128-token run.)
@@ -87,6 +88,7 @@ ACCEPTANCE_DECAY = 0.95  # per step: the acceptance model follows the last ~20 s
 ROW_DECAY = 1 - 1 / 64  # ... and, while drafting, at least the last ~64 drafted rows
 MIN_EVIDENCE = 8  # drafted rows seen at position 0 before acceptance is predicted from
 PRIOR_ROWS = 4  # pseudo-rows pulling a deep position's acceptance towards the one before
+PROBE_SHARE = 0.01  # of the steps since gamma was measured, at most what re-measuring it costs
 MEASURED_ROWS = 32  # rows an arm's recent steps must cover before their tokens cap its prediction
 
 
@@ -138,6 +140,9 @@ class Bucket:
     copy_at: int | None = None  # step at which copying, unseen or losing, is tried again
     copy_wait: int = 0
     catching_up: int | None = None  # a re-probed draft length whose first step is not measured
+    probing: int = 0  # the draft length a re-probe measures ...
+    probe_steps: int = 0  # ... for this many more steps
+    gamma_wait: int = 0  # steps gamma's cost may age while shorter lengths run (0: reprobe_after)
 
 
 class AdaptiveDraftLength:
@@ -325,6 +330,10 @@ class AdaptiveDraftLength:
         if bucket.catching_up is not None:
             choice, bucket.catching_up = bucket.catching_up, None  # the measured step
             self.reprobing = True
+        elif bucket.probe_steps:
+            bucket.probe_steps -= 1
+            choice = bucket.probing
+            self.reprobing = True
         elif 0 not in known:
             choice = 0  # plain decoding: the reference, measured at no extra cost
         elif self.gamma not in known or self.position_evidence[0] < MIN_EVIDENCE:
@@ -337,17 +346,51 @@ class AdaptiveDraftLength:
             bar = self.min_gain * rates[0]
             paying = [n for n in self.draft_lens if n and rates[n] >= bar]
             if not paying:
-                choice = self._reprobe(bucket, max((n for n in self.draft_lens if n), key=rates.get))
+                best = max((n for n in self.draft_lens if n), key=rates.get)
+                if best != self.gamma and self._gamma_due(bucket, older_than=best):
+                    best = self.gamma
+                choice = self._reprobe(bucket, best, batch)
                 self.reprobing = choice > 0
             else:
                 choice = max(paying, key=rates.get)
                 bucket.reprobe_at = None
+                if choice == self.gamma:
+                    bucket.gamma_wait = 0
                 if bucket.steps % self.probe_every == 0:
-                    # Re-measure another arm that pays, or plain decoding (costs drift).
+                    # Re-measure another arm that pays, or plain decoding (costs drift),
+                    # or gamma when its cost has aged (``_gamma_due``).
                     others = [n for n in [0] + paying if n != choice]
+                    if self.gamma not in paying and self._gamma_due(bucket):
+                        others.append(self.gamma)
                     choice = others[(bucket.steps // self.probe_every) % len(others)]
+                    if choice == self.gamma and self.gamma not in paying:
+                        bucket.gamma_wait = min(2 * (bucket.gamma_wait or self.reprobe_after),
+                                                self.reprobe_max)
+                        bucket.arms[self.gamma].stale = True
         self._log(bucket_of(batch), choice, batch)
         return choice
+
+    def _gamma_due(self, bucket: Bucket, older_than: int | None = None) -> bool:
+        """Whether gamma, not among the lengths that pay, has gone unmeasured long
+        enough that a probe step re-measures it. Every length between 0 and gamma is
+        interpolated from gamma's cost, so a gamma measured slow once (an engine's first
+        steps pay one-time costs: new shapes) makes a shorter length the best
+        prediction, and gamma, neither chosen nor re-probed, would keep that cost for
+        good (small-pair engines then drafted 1 token or none on every step). The wait
+        starts at ``reprobe_after`` steps and doubles (up to ``reprobe_max``) while gamma
+        stays out, and is never shorter than ``1 / PROBE_SHARE`` times a gamma step's
+        extra cost in plain steps: under load a gamma step costs many plain ones.
+        ``older_than``: a re-probe measures gamma instead of that length only when
+        gamma's measurement is the older one (so the two alternate)."""
+        arm, plain = bucket.arms.get(self.gamma), bucket.arms.get(0)
+        if arm is None or plain is None:
+            return False
+        other = bucket.arms.get(older_than) if older_than is not None else None
+        if other is not None and other.last_step <= arm.last_step:
+            return False
+        wait = max(bucket.gamma_wait or self.reprobe_after,
+                   (arm.seconds / plain.seconds - 1) / PROBE_SHARE)
+        return bucket.steps - arm.last_step >= wait
 
     def copying_pays(self, batch: int) -> bool:
         """Whether requests copy their drafts from their context while the MDLM is off
@@ -382,10 +425,12 @@ class AdaptiveDraftLength:
         copied.stale = True
         return True
 
-    def _reprobe(self, bucket: Bucket, candidate: int) -> int:
+    def _reprobe(self, bucket: Bucket, candidate: int, batch: int) -> int:
         """Drafting is off in this bucket: 0, or once per (doubling) wait the draft
-        length predicted best, measured afresh; with ``catch_up`` over two steps of which
-        only the second counts. The first also pays for what drafting missed while it
+        length predicted best, measured afresh over steps that draft ``MIN_EVIDENCE``
+        rows (at batch 1, a single row's luck otherwise decided the next doubled wait: one
+        re-probe of a good drafter whose first token was rejected kept drafting off for
+        another 128-1024 steps); with ``catch_up`` one step more, which is not measured. The first also pays for what drafting missed while it
         was off (the drafter cache re-encodes every token generated since: on the small
         pair at batch 1, 13-14 ms against 9-10 for a drafted step), and measured alone it
         kept drafting off for good in runs where drafting paid 1.3x. Only with
@@ -403,6 +448,7 @@ class AdaptiveDraftLength:
             bucket.arms[candidate].stale = True
         if self.catch_up:
             bucket.catching_up = candidate
+        bucket.probing, bucket.probe_steps = candidate, -(-MIN_EVIDENCE // batch) - 1
         return candidate
 
     def _log(self, bucket: int, choice: int, batch: int) -> None:
