@@ -32,10 +32,10 @@ While drafting is off, the most promising draft length (or gamma, when its cost 
 the older measurement: every length between is interpolated from it) is re-measured
 over steps that draft ``MIN_EVIDENCE`` rows (one more with ``catch_up``, not
 measured: see ``_reprobe``) after ``reprobe_after`` steps, and the wait doubles (up to
-``reprobe_max``) each time drafting stays off: a cost measured under other traffic cannot keep drafting off
-for good, and under a load where drafting never pays the probes cost a few steps in a
-thousand. (Under load a drafted step costs several plain ones, so every exploratory
-step shows in a 128-token run.)
+``reprobe_max``) each time drafting stays off: a cost measured under other traffic
+cannot keep drafting off for good, and under a load where drafting never pays the
+probes cost a few steps in a thousand. (Under load a drafted step costs several plain
+ones, so every exploratory step shows in a 128-token run.)
 
 One input, one output: ``observe(StepOutcome)`` after each decode step, and
 ``next_draft_len(batch)`` before drafting the next one. Prompt lookup (requests that
@@ -428,14 +428,15 @@ class AdaptiveDraftLength:
     def _reprobe(self, bucket: Bucket, candidate: int, batch: int) -> int:
         """Drafting is off in this bucket: 0, or once per (doubling) wait the draft
         length predicted best, measured afresh over steps that draft ``MIN_EVIDENCE``
-        rows (at batch 1, a single row's luck otherwise decided the next doubled wait: one
+        rows (at batch 1 a single row's luck otherwise decided the next doubled wait: a
         re-probe of a good drafter whose first token was rejected kept drafting off for
-        another 128-1024 steps); with ``catch_up`` one step more, which is not measured. The first also pays for what drafting missed while it
-        was off (the drafter cache re-encodes every token generated since: on the small
-        pair at batch 1, 13-14 ms against 9-10 for a drafted step), and measured alone it
-        kept drafting off for good in runs where drafting paid 1.3x. Only with
+        another 128-1024 steps); with ``catch_up`` one step more, first, which is not
+        measured. That step also pays for what drafting missed while it was off (the
+        drafter cache re-encodes every token generated since: on the small pair at batch
+        1, 13-14 ms against 9-10 for a drafted step), and measured alone it kept drafting
+        off for good in runs where drafting paid 1.3x. Only with
         ``catch_up`` (a drafter with a cache): otherwise the first step is like any
-        other, and one step is measured."""
+        other, and is measured."""
         if bucket.reprobe_at is None:
             bucket.reprobe_wait = self.reprobe_after
             bucket.reprobe_at = bucket.steps + bucket.reprobe_wait
