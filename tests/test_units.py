@@ -508,9 +508,8 @@ def test_each_step_is_measured_in_the_arm_of_what_really_ran():
         def observe(self, step):
             self.seen.append(("arm", step.draft_len, step.tokens, step.accepted))
 
-        def observe_copied(self, step, long=False):
-            self.seen.append(("copied long" if long else "copied", step.draft_len,
-                              step.tokens, step.accepted))
+        def observe_copied(self, step):
+            self.seen.append(("copied", step.draft_len, step.tokens, step.accepted))
 
     proposer = SpecDiffProposer.__new__(SpecDiffProposer)
     proposer.adaptive = Recorder()
@@ -528,7 +527,6 @@ def test_each_step_is_measured_in_the_arm_of_what_really_ran():
     assert seen(copied=frozenset("abc")) == [("copied", 8, 6, ())]
     assert seen([[1], [4], [6]]) == [("arm", 0, 3, ())]  # nothing drafted: plain decoding
     assert seen(copied=frozenset("a")) == [("copied", 8, 6, ())]  # the others plain
-    assert seen(copied=frozenset("a"), long_only=True) == [("copied long", 8, 6, ())]
     assert seen(ngram=frozenset("a")) == []  # warm-up drafts only: no arm's step
 
 

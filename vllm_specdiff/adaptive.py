@@ -131,23 +131,14 @@ class Arm:
 
 
 @dataclass
-class Copying:
-    """Steps in which requests copied their drafts and the MDLM drafted none, and when
-    copying, unseen or losing, is tried again."""
-
-    arm: Arm = field(default_factory=Arm)
-    at: int | None = None
-    wait: int = 0
-
-
-@dataclass
 class Bucket:
     arms: dict[int, Arm] = field(default_factory=dict)
-    copying: Copying = field(default_factory=Copying)  # after any match
-    long_copying: Copying = field(default_factory=Copying)  # after long matches only
+    copied: Arm = field(default_factory=Arm)  # steps in which only prompt lookup drafted
     steps: int = 0
     reprobe_at: int | None = None  # step at which drafting-off re-measures a draft length
     reprobe_wait: int = 0
+    copy_at: int | None = None  # step at which copying, unseen or losing, is tried again
+    copy_wait: int = 0
     catching_up: int | None = None  # a re-probed draft length whose first step is not measured
     probing: int = 0  # the draft length a re-probe measures ...
     probe_steps: int = 0  # ... for this many more steps
@@ -213,17 +204,16 @@ class AdaptiveDraftLength:
         arm.last_step = bucket.steps
         arm.record(step)
 
-    def observe_copied(self, step: StepOutcome, long: bool = False) -> None:
+    def observe_copied(self, step: StepOutcome) -> None:
         """A step in which requests copied their drafts and the MDLM drafted none (the
         others decoded plainly): it says nothing about the MDLM's draft lengths, only
-        whether copying pays (``long``: copying after long matches only)."""
+        whether copying pays."""
         if step.seconds <= 0 or step.batch <= 0:
             return
         self._age_acceptance()
         bucket = self._bucket(step.batch)
-        arm = (bucket.long_copying if long else bucket.copying).arm
-        arm.last_step = bucket.steps
-        arm.record(step)
+        bucket.copied.last_step = bucket.steps
+        bucket.copied.record(step)
 
     def _age_acceptance(self) -> None:
         """A step in which the MDLM drafted nothing: what the requests write changes
@@ -402,10 +392,9 @@ class AdaptiveDraftLength:
                    (arm.seconds / plain.seconds - 1) / PROBE_SHARE)
         return bucket.steps - arm.last_step >= wait
 
-    def copying_pays(self, batch: int, long: bool = False) -> bool:
+    def copying_pays(self, batch: int) -> bool:
         """Whether requests copy their drafts from their context while the MDLM is off
-        in this batch's bucket (``long``: after long matches only, asked where copying
-        after any match does not pay; measured apart, the same way). Once plain decoding is measured: after copying has been
+        in this batch's bucket. Once plain decoding is measured: after copying has been
         seen (a step in which requests copied and the MDLM drafted none), yes for
         ``warm_samples`` steps, then while those beat plain decoding by ``min_gain``.
         Otherwise one step tries it after a wait (a re-measurement that replaces the
@@ -419,21 +408,20 @@ class AdaptiveDraftLength:
         plain = None if bucket is None else bucket.arms.get(0)
         if plain is None or plain.samples < self.warm_samples:
             return False
-        copying = bucket.long_copying if long else bucket.copying
-        copied = copying.arm
+        copied = bucket.copied
         if copied.samples and (copied.samples < self.warm_samples
                                or copied.rate >= self.min_gain * plain.rate):
-            copying.at = None
+            bucket.copy_at = None
             return True
-        if copying.at is None:
-            copying.wait = (round(self.probe_every * max(1.0, copied.seconds / plain.seconds))
-                            if copied.samples else self.reprobe_after)
-            copying.at = bucket.steps + copying.wait
+        if bucket.copy_at is None:
+            bucket.copy_wait = (round(self.probe_every * max(1.0, copied.seconds / plain.seconds))
+                                if copied.samples else self.reprobe_after)
+            bucket.copy_at = bucket.steps + bucket.copy_wait
             return False
-        if bucket.steps < copying.at:
+        if bucket.steps < bucket.copy_at:
             return False
-        copying.wait = min(2 * copying.wait, self.reprobe_max)
-        copying.at = bucket.steps + copying.wait
+        bucket.copy_wait = min(2 * bucket.copy_wait, self.reprobe_max)
+        bucket.copy_at = bucket.steps + bucket.copy_wait
         copied.stale = True
         return True
 

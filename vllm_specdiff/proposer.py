@@ -30,7 +30,6 @@ from vllm_specdiff.loader import load_mdlm, torch_dtype
 logger = logging.getLogger("vllm.specdiff")
 
 NGRAM_SIZES = (1, 4)  # prompt-lookup n-gram sizes (min, max) for warm-up drafts
-LONG_MATCH = 4  # the shortest match copied where copying after any match does not pay
 
 
 @dataclass
@@ -61,7 +60,6 @@ class LastStep(NamedTuple):
     after_decode: bool = True  # drafted after a pure decode step (not after a prefill)
     full_drafts: frozenset = frozenset()  # requests the MDLM drafted draft_len tokens for
     copied: frozenset = frozenset()  # requests whose draft prompt lookup copied
-    long_only: bool = False  # they copied after long matches only (copying after any lost)
     ngram: frozenset = frozenset()  # warm-up requests that drafted with the n-gram proposer
     mdlm_rows: int = 0  # rows the MDLM drafted
 
@@ -116,7 +114,6 @@ class SpecDiffProposer:
         self.ngram = None  # warm-up drafts
         self.lookup = None  # prompt lookup beside the MDLM
         self.lookup_alone = None  # prompt lookup for rows that would otherwise not draft
-        self.lookup_long = None  # the same after long matches only
         # Rows drafted by each source ('warmup', 'lookup', 'mdlm') since the start.
         self.rows_drafted: collections.Counter = collections.Counter()
         self.tp_group = None  # vLLM's tensor-parallel group when it has more than one rank
@@ -160,10 +157,6 @@ class SpecDiffProposer:
             self.lookup_alone = self.lookup if self.config.prompt_lookup_min == 1 else \
                 make_ngram_proposer(self.vllm_config, self.config.gamma,
                                     (1, self.config.prompt_lookup_max))
-            if self.config.prompt_lookup_max >= LONG_MATCH:
-                self.lookup_long = make_ngram_proposer(
-                    self.vllm_config, self.config.gamma,
-                    (LONG_MATCH, self.config.prompt_lookup_max))
         if self.vllm_config.parallel_config.tensor_parallel_size > 1:
             from vllm.distributed import get_tp_group
 
@@ -209,11 +202,11 @@ class SpecDiffProposer:
         plan = plan_rows(sampled_token_ids, num_tokens_no_spec,
                          None if input_batch is None else input_batch.num_prompt_tokens,
                          self.max_model_len, warmup)
-        draft_len, copy_all, copy_long, reprobing = self._agreed_plan(plan.batch)
+        draft_len, copy_all, reprobing = self._agreed_plan(plan.batch)
         self._last_step = LastStep(draft_len, plan.batch, now, after_decode=pure_decode)
         token_ids: list[list[int]] = [[] for _ in sampled_token_ids]
         generators = self._generators(input_batch)
-        if not (draft_len or copy_all or copy_long or generators):
+        if not (draft_len or copy_all or generators):
             return Proposal(token_ids)  # no row drafts (the rest would find that out row by row)
         # Seeded requests always draft the full gamma: their random streams are then
         # consumed the same way whatever the load, so their output is reproducible.
@@ -232,7 +225,7 @@ class SpecDiffProposer:
         mdlm_rows = plan.mdlm
         # A re-probe measures the MDLM: its rows do not copy (seeded rows still may,
         # so that what they draft never depends on the controller).
-        lookup_rows = [i for i in mdlm_rows if (copy_all or copy_long or lengths[i] > 0)
+        lookup_rows = [i for i in mdlm_rows if (copy_all or lengths[i] > 0)
                        and not (reprobing and generators.get(i) is None)]
         if lookup_rows and self.lookup is not None:
             # Copying costs microseconds, so a row that can copy drafts the full gamma
@@ -244,16 +237,9 @@ class SpecDiffProposer:
             # A row the MDLM would draft copies only after a match of at least
             # prompt_lookup_min tokens (the MDLM guesses better than a shorter one);
             # a row that would not draft at all copies after any match, down to one
-            # token: its alternative is a step for a single token. Where that does not
-            # pay, copying after a match of at least LONG_MATCH tokens (a loop, a quoted
-            # passage) is measured apart (``copy_long``): within one request copies
-            # pass in stretches, and while copying after any match was off for every
-            # request, `ngram`, which copies on every step, caught the stretches that
-            # copy well (a Spec-Bench summarisation prompt on the tiny pair: 2.56 tokens
-            # a step against specdiff's 2.1).
-            alone = self.lookup_alone if copy_all or not copy_long else self.lookup_long
+            # token: its alternative is a step for a single token.
             for lookup, rows in ((self.lookup, [i for i in lookup_rows if lengths[i]]),
-                                 (alone, [i for i in lookup_rows if not lengths[i]])):
+                                 (self.lookup_alone, [i for i in lookup_rows if not lengths[i]])):
                 if rows:
                     self._draft_ngram(lookup, rows, dict.fromkeys(rows, self.config.gamma),
                                       sampled_token_ids, num_tokens_no_spec, token_ids_cpu,
@@ -264,8 +250,7 @@ class SpecDiffProposer:
                 mdlm_rows = [i for i in mdlm_rows if not token_ids[i]]
                 if input_batch is not None:
                     self._last_step = self._last_step._replace(
-                        copied=frozenset(input_batch.req_ids[i] for i in copied),
-                        long_only=alone is self.lookup_long and not copy_all)
+                        copied=frozenset(input_batch.req_ids[i] for i in copied))
         mdlm_rows = [i for i in mdlm_rows if lengths[i] > 0]
         self.rows_drafted["mdlm"] += len(mdlm_rows)
         if not mdlm_rows:
@@ -324,8 +309,7 @@ class SpecDiffProposer:
         if not last.mdlm_rows:
             tokens = sum(len(s) for s in sampled_token_ids)
             if last.copied:
-                self.adaptive.observe_copied(StepOutcome(last.batch, last.draft_len, tokens, seconds),
-                                             long=last.long_only)
+                self.adaptive.observe_copied(StepOutcome(last.batch, last.draft_len, tokens, seconds))
             elif not last.ngram:
                 self.adaptive.observe(StepOutcome(last.batch, 0, tokens, seconds))
             return
@@ -336,19 +320,16 @@ class SpecDiffProposer:
                      for rid, s in zip(req_ids, sampled_token_ids) if s)
         self.adaptive.observe(StepOutcome(last.batch, last.draft_len, tokens, seconds, accepted))
 
-    def _agreed_plan(self, batch: int) -> tuple[int, bool, bool, bool]:
+    def _agreed_plan(self, batch: int) -> tuple[int, bool, bool]:
         """The MDLM's draft length, whether every row may copy (even while that length
-        is 0) after any match, or else after long matches only, and whether the step
-        re-measures the MDLM (then no row copies). Every
+        is 0), and whether the step re-measures the MDLM (then no row copies). Every
         tensor-parallel rank runs this proposer on the same inputs; everything else it
         does is deterministic or seeded alike, but the controller follows a clock. Rank
         0's choice is broadcast, so all ranks draft the same tokens and q."""
-        def choose() -> tuple[int, bool, bool, bool]:
+        def choose() -> tuple[int, bool, bool]:
             draft_len = self.adaptive.next_draft_len(batch)
             copy_all = self.lookup is not None and self.adaptive.copying_pays(batch)
-            copy_long = (self.lookup_long is not None and not copy_all and not draft_len
-                         and self.adaptive.copying_pays(batch, long=True))
-            return draft_len, copy_all, copy_long, self.adaptive.reprobing
+            return draft_len, copy_all, self.adaptive.reprobing
 
         if self.tp_group is None or not self.adaptive.enabled:
             return choose()
