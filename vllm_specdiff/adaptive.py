@@ -257,7 +257,7 @@ class AdaptiveDraftLength:
             self.position_acceptance[i] = ((self._passed[i] + rows * prior)
                                            / (self._reached[i] + rows))
             self.position_evidence[i] += reached
-        self._expected = [self._expected_tokens(n) for n in range(self.gamma + 1)]
+        self._expected = self._expected_by_length()
 
     # -- model ---------------------------------------------------------------------
 
@@ -266,14 +266,15 @@ class AdaptiveDraftLength:
         the per-position acceptance (positions never observed: the last observed one)."""
         return self._expected[draft_len]
 
-    def _expected_tokens(self, draft_len: int) -> float:
-        total, prefix, last = 1.0, 1.0, 0.0
-        for i in range(draft_len):
+    def _expected_by_length(self) -> list[float]:
+        """``expected_tokens`` of draft lengths 0 .. gamma, in one pass."""
+        totals, prefix, last = [1.0], 1.0, 0.0
+        for i in range(self.gamma):
             if self.position_evidence[i]:
                 last = self.position_acceptance[i]
             prefix *= last
-            total += prefix
-        return total
+            totals.append(totals[-1] + prefix)
+        return totals
 
     def _measured(self, arms: dict[int, Arm]) -> list[int]:
         """Draft lengths whose cost is known: plain decoding after ``warm_samples``
