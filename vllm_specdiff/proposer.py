@@ -213,8 +213,9 @@ class SpecDiffProposer:
         lengths = {i: self.config.gamma if generators.get(i) is not None else draft_len
                    for i in plan.mdlm + plan.ngram}
         if plan.ngram and self.ngram is not None:
-            # Warm-up drafts are copies too: while copying pays, they draft the full gamma.
-            warmup_lengths = dict.fromkeys(plan.ngram, self.config.gamma) if copy_all else lengths
+            # Warm-up drafts are copies too: while anything drafts, they draft the full gamma.
+            warmup_lengths = (dict.fromkeys(plan.ngram, self.config.gamma)
+                              if copy_all or draft_len else lengths)
             self._draft_ngram(self.ngram, plan.ngram, warmup_lengths, sampled_token_ids,
                               num_tokens_no_spec, token_ids_cpu, token_ids)
             drafted = [i for i in plan.ngram if token_ids[i]]
@@ -328,7 +329,11 @@ class SpecDiffProposer:
         0's choice is broadcast, so all ranks draft the same tokens and q."""
         def choose() -> tuple[int, bool, bool]:
             draft_len = self.adaptive.next_draft_len(batch)
-            copy_all = self.lookup is not None and self.adaptive.copying_pays(batch)
+            # Asked only with the MDLM off: while it drafts, rows copy anyway, and a
+            # re-try of copying fired then (``copying_pays`` starts one when it is due)
+            # would be spent on a step that cannot measure it.
+            copy_all = (self.lookup is not None and draft_len == 0
+                        and self.adaptive.copying_pays(batch))
             return draft_len, copy_all, self.adaptive.reprobing
 
         if self.tp_group is None or not self.adaptive.enabled:
