@@ -297,6 +297,29 @@ def test_all_greedy_shortcut_equals_the_walk(bonus_rows):
         assert_same((greedy[0], greedy[1]), (walked[0][:5], walked[1][:5]), f"seed {seed}")
 
 
+@pytest.mark.parametrize("bonus_rows", [True, False])
+def test_testing_every_draft_at_once_equals_the_walk(bonus_rows):
+    """The reference tests every draft of a small block at once and walks a large one
+    position by position; both must emit the same tokens (mixed greedy and sampled
+    requests, dense q, sparse q with point masses, no q)."""
+    for seed in range(30):
+        g = torch.Generator().manual_seed(300 + seed)
+        ns = torch.randint(0, 7, (5,), generator=g).tolist()
+        greedy = (torch.rand(5, generator=g) < 0.3).tolist()
+        args = list(make_batch(seed, 64, ns, greedy, seed % 3 != 0, True))
+        extra = {"bonus_rows": bonus_rows}
+        if not bonus_rows:
+            rows = torch.arange(sum(ns)) + torch.repeat_interleave(torch.arange(5), torch.tensor(ns))
+            args[0] = args[0][rows]
+        if seed % 3 == 2:  # sparse q: every other request a point mass
+            q_start = args[3][:-1].clone().to(torch.int64)
+            q_start[::2] = -1
+            extra["q_start"] = q_start
+        walked = fused_verify_reference(*args, all_rows_max=0, **extra)
+        at_once = fused_verify_reference(*args, all_rows_max=1 << 30, **extra)
+        assert_same(at_once, walked, f"seed {seed}")
+
+
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_masked_tokens_are_never_emitted(impl):
     """Top-k style rows (3 finite logits): rejected drafts outside the support and
