@@ -119,6 +119,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_workload_args(ap)
     ap.add_argument("--no-load-change", action="store_true")
+    ap.add_argument("--label", default=None,
+                    help="added to the result file's name, e.g. 't1' for a run of some cells only")
     args = workload_args(ap.parse_args())
     prepare_process(quiet=True)
     env = environment("floor.py", sys.argv[1:])
@@ -146,7 +148,7 @@ def main() -> None:
             load_cells = summarise(METHODS, runs, LOAD_CHANGE["batch"], 0.0)
         finally:
             engines.close()
-    stem = "floor_quick" if args.quick else "floor"
+    stem = ("floor_quick" if args.quick else "floor") + (f"_{args.label}" if args.label else "")
     RESULTS.mkdir(parents=True, exist_ok=True)
     env.update(batches=args.batches, temperatures=args.temperatures, repeats=args.repeats,
                max_tokens=args.max_tokens, load_change=LOAD_CHANGE)
