@@ -428,11 +428,12 @@ def _inverse_cdf(r: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 def _q_at(q2d: torch.Tensor | None, rows: torch.Tensor, x: torch.Tensor, row_q: torch.Tensor) -> torch.Tensor:
     """q(x) in float64 per request: from its q row, 0 past the row's width; 1 for a
-    point mass (or when there is no q at all)."""
+    point mass (or when there is no q at all). A point mass's ``rows`` (its -1 start
+    plus the position) may lie past q's rows: they are read clamped, and not used."""
     if q2d is None:
         return torch.ones_like(x, dtype=torch.float64)
     inside = row_q & (x < q2d.shape[1])
-    q_x = q2d[rows.clamp(min=0), x.clamp(max=q2d.shape[1] - 1)].double()
+    q_x = q2d[rows.clamp(0, q2d.shape[0] - 1), x.clamp(max=q2d.shape[1] - 1)].double()
     return torch.where(inside, q_x, torch.where(row_q, 0.0, 1.0).double())
 
 

@@ -320,6 +320,26 @@ def test_testing_every_draft_at_once_equals_the_walk(bonus_rows):
         assert_same(at_once, walked, f"seed {seed}")
 
 
+@pytest.mark.parametrize("all_rows_max", [0, 1 << 30])
+def test_point_mass_drafts_longer_than_the_q_buffer(all_rows_max):
+    """A copied (point-mass) draft of gamma tokens beside a sampled request whose q
+    buffer holds fewer rows: every accepted copy must not read past the buffer (an
+    engine crashed on this: IndexError in the q lookup, all drafts tested at once)."""
+    V = 50
+    logits = torch.full((8, V), -30.0)
+    logits[torch.arange(6), torch.arange(6)] = 30.0  # request 0 (6 copied drafts) accepts all
+    logits[6:, 7] = 30.0  # request 1 (2 drafts with q) accepts both
+    q = torch.zeros(1, 2, V)
+    q[0, :, 7] = 1.0
+    out, num_acc = fused_verify_reference(
+        logits, torch.tensor([0, 1, 2, 3, 4, 5, 7, 7]), q, torch.tensor([0, 6, 8]),
+        torch.tensor([False, False]), torch.full((8,), 0.5, dtype=torch.float64),
+        torch.full((2,), 0.5, dtype=torch.float64), 6, torch.tensor([9, 9]),
+        q_start=torch.tensor([-1, 0]), bonus_rows=False, all_rows_max=all_rows_max)
+    assert num_acc.tolist() == [6, 2]
+    assert out.tolist() == [[0, 1, 2, 3, 4, 5, 9], [7, 7, 9, -1, -1, -1, -1]]
+
+
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_masked_tokens_are_never_emitted(impl):
     """Top-k style rows (3 finite logits): rejected drafts outside the support and
