@@ -131,6 +131,8 @@ def report(cells, env, args, minutes) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_workload_args(ap)
+    ap.add_argument("--label", default=None,
+                    help="added to the result file's name, e.g. 't1' for a run of some cells only")
     args = workload_args(ap.parse_args())
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -146,7 +148,8 @@ def main() -> None:
     cells = []
     for batch in args.batches:
         cells += run_cell(batch, args.temperatures, prompts, args, log)
-    stem = "controller_cost_quick" if args.quick else "controller_cost"
+    stem = ("controller_cost_quick" if args.quick else "controller_cost") + (
+        f"_{args.label}" if args.label else "")
     RESULTS.mkdir(parents=True, exist_ok=True)
     env.update(batches=args.batches, temperatures=args.temperatures, repeats=args.repeats,
                max_tokens=args.max_tokens)
