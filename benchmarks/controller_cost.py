@@ -131,8 +131,6 @@ def report(cells, env, args, minutes) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_workload_args(ap)
-    ap.add_argument("--label", default=None,
-                    help="added to the result file's name, e.g. 't1' for a run of some cells only")
     args = workload_args(ap.parse_args())
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")

@@ -55,6 +55,8 @@ def add_workload_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--temperatures", type=float, nargs="+", default=None)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--label", default=None,
+                    help="added to the result file's name, e.g. 't1' for a run of some cells only")
 
 
 def workload_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -119,8 +121,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_workload_args(ap)
     ap.add_argument("--no-load-change", action="store_true")
-    ap.add_argument("--label", default=None,
-                    help="added to the result file's name, e.g. 't1' for a run of some cells only")
     args = workload_args(ap.parse_args())
     prepare_process(quiet=True)
     env = environment("floor.py", sys.argv[1:])
