@@ -65,6 +65,37 @@ def test_target_loads_with_transformers(target):
     assert tok.decode(ids[0]) == "Once upon a time"
 
 
+def test_eval_every_keeps_the_weights_with_the_lowest_development_perplexity(tmp_path, corpus,
+                                                                           target):
+    """Early stopping chooses on the development tokens (after the held-out slice) and
+    saves the chosen weights; the held-out slice is only reported."""
+    from transformers import GPT2LMHeadModel
+
+    from vllm_specdiff.training.data import read_stories, token_stream
+    from vllm_specdiff.training.target import TEST_BLOCK, TEST_TOKENS, perplexity
+    from vllm_specdiff.training.tokenizer import load_tokenizer
+
+    valid = ROOT / "data" / "tinystories" / "tinystories_v1_valid_head.txt"
+    out = tmp_path / "early-stopped"
+    args = [a for a in TINY_TARGET if a not in ("--vocab-size", "300")]
+    # A learning rate this high makes later steps worse as often as better (with these
+    # seeds the best weights are not the last, which the test checks).
+    assert main(["target", "--corpus", str(corpus), "--valid", str(valid), "--tokenizer",
+                 str(target), "--out", str(out), "--max-steps", "6", "--eval-every", "2",
+                 "--lr", "3.0", *args]) == 0
+    summary = json.loads((out / "training_summary.json").read_text())
+    steps, ppls = zip(*summary["dev_curve"])
+    assert steps == (2, 4, 6)
+    assert summary["kept_step"] == steps[ppls.index(min(ppls))] != steps[-1]
+    vstream = token_stream(load_tokenizer(str(target)), read_stories(valid))
+    saved = GPT2LMHeadModel.from_pretrained(out, dtype=torch.float32)
+    block = min(TEST_BLOCK, saved.config.n_positions)
+    assert perplexity(saved, vstream[TEST_TOKENS:], block, "cpu") == pytest.approx(
+        summary["dev_ppl"], rel=1e-3)
+    assert perplexity(saved, vstream, block, "cpu", max_tokens=TEST_TOKENS) == \
+        pytest.approx(summary["valid_ppl"], rel=1e-3)
+
+
 def test_tokenizer_subcommand(tmp_path, corpus):
     from transformers import AutoTokenizer
 

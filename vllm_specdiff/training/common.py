@@ -10,6 +10,7 @@ exactly where the interrupted one stopped.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -22,6 +23,8 @@ from tqdm import tqdm
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "state.pt"
+# With a time budget and no step count, the speed is measured over these steps.
+SIZING_FROM, SIZING_TO = 5, 15
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -114,6 +117,9 @@ def add_common_args(p) -> None:
     p.add_argument("--keep-checkpoint", action="store_true",
                    help="keep <out>/checkpoint after a finished run (default: delete it)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--bf16-autocast", action="store_true",
+                   help="forward passes under bfloat16 autocast (weights, optimizer and "
+                        "the saved model's precision are unchanged); for GPUs")
     p.add_argument("--stop-after-steps", type=int, default=None, help=argparse_hidden())
 
 
@@ -123,6 +129,14 @@ def argparse_hidden():
     return argparse.SUPPRESS
 
 
+def autocast(args, model: torch.nn.Module):
+    """bfloat16 autocast on the model's device with ``--bf16-autocast``, else nothing."""
+    if not getattr(args, "bf16_autocast", False):
+        return contextlib.nullcontext()
+    device = next(model.parameters()).device
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
 def train_loop(
     args,
     model: torch.nn.Module,
@@ -130,8 +144,10 @@ def train_loop(
     data_gen: torch.Generator,
     desc: str,
     default_steps: int = 1000,
+    after_step: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Run AdamW steps of ``loss_fn(step, data_gen)``; returns a summary dict.
+    ``after_step(step, total)``, if given, runs after each optimizer step (evaluation).
 
     ``--stop-after-steps`` (hidden, for tests) simulates an interruption: the run
     checkpoints and stops after that many steps as if it had been killed.
@@ -160,7 +176,8 @@ def train_loop(
         lr = cosine_lr(step, total, args.warmup_steps, args.lr, args.min_lr_ratio)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        loss, info = loss_fn(step, data_gen)
+        with autocast(args, model):
+            loss, info = loss_fn(step, data_gen)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if args.grad_clip:
@@ -172,11 +189,17 @@ def train_loop(
         bar.update(1)
         bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{lr:.2e}",
                         **{k: f"{v:.3f}" for k, v in info.items()})
+        if after_step is not None:
+            after_step(step, total)
+            model.train()
         elapsed = elapsed_before + time.time() - start
-        if sizing and steps_this_run == 10 and step < total:
-            # Size the cosine schedule to the time budget from the measured speed.
-            per_step = (time.time() - start) / steps_this_run
-            total = max(step + 1, int(budget / per_step * 0.97))
+        if sizing and steps_this_run == SIZING_FROM:
+            sizing_start = time.time()
+        if sizing and steps_this_run == SIZING_TO and step < total:
+            # Size the cosine schedule to the time budget from the measured speed, after
+            # the first steps (on a GPU they include kernel selection and warm-up).
+            per_step = (time.time() - sizing_start) / (SIZING_TO - SIZING_FROM)
+            total = max(step + 1, int((budget - (time.time() - start)) / per_step * 0.97) + step)
             bar.total = total
             bar.refresh()
             print(f"[{desc}] {per_step:.2f} s/step -> planning {total} steps")

@@ -24,6 +24,10 @@ def gpt2_config(vocab_size, n_layer, n_embd, n_head, n_positions, eos_id, dropou
 
 
 MAX_SHARD_SIZE = "40MB"
+# The held-out perplexity every target reports: the first TEST_TOKENS tokens of --valid.
+# --eval-every chooses weights on the tokens after them, never on these.
+TEST_TOKENS = 100_000
+TEST_BLOCK = 256  # non-overlapping blocks of this many tokens (or n_positions), whatever --block-size is
 
 
 def save_causal_lm(model, tokenizer, out, dtype: str, extra_card: dict | None = None) -> None:
@@ -118,6 +122,11 @@ def add_args(p) -> None:
     p.add_argument("--n-positions", type=int, default=512)
     p.add_argument("--block-size", type=int, default=256, help="training sequence length")
     p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="every this many steps, perplexity on the development tokens of "
+                        f"--valid (those after its first {TEST_TOKENS:,}, the reported "
+                        "held-out slice); the weights with the lowest are kept and saved "
+                        "(early stopping; held in memory, so --resume starts the search anew)")
     p.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--init-from", default=None,
                    help="start from this GPT-2 folder's weights instead of a random init; "
@@ -152,6 +161,24 @@ def run(args) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"[target] GPT-2 {args.n_layer}x{args.n_embd}: {n_params / 1e6:.2f} M parameters")
     gen = torch.Generator().manual_seed(args.seed)
+    vstream = token_stream(tok, read_stories(args.valid)) if args.valid else None
+    test_block = min(TEST_BLOCK, args.n_positions)
+    best = {"dev_ppl": math.inf, "step": 0, "state": None, "curve": []}
+
+    def keep_best(step, total):
+        if step % args.eval_every and step != total:
+            return
+        ppl = perplexity(model, vstream[TEST_TOKENS:], test_block, device, batch=64)
+        best["curve"].append([step, round(ppl, 3)])
+        print(f"[target] step {step}: development perplexity {ppl:.3f}")
+        if ppl < best["dev_ppl"]:
+            best.update(dev_ppl=ppl, step=step,
+                        state={k: v.detach().to("cpu", copy=True)
+                               for k, v in model.state_dict().items()})
+
+    if args.eval_every and (vstream is None or len(vstream) <= TEST_TOKENS + TEST_BLOCK):
+        raise SystemExit(f"--eval-every needs a --valid text longer than {TEST_TOKENS:,} "
+                         f"+ {TEST_BLOCK} tokens (development tokens follow the held-out ones)")
 
     def loss_fn(step, g):
         w = random_windows(stream, args.batch_size, args.block_size + 1, g).to(device)
@@ -161,14 +188,22 @@ def run(args) -> dict:
             logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1))
         return loss, {}
 
-    summary = common.train_loop(args, model, loss_fn, gen, "target")
+    summary = common.train_loop(args, model, loss_fn, gen, "target",
+                                after_step=keep_best if args.eval_every else None)
     if summary["interrupted"]:
         return summary
     summary["parameters"] = n_params
-    if args.valid:
-        vstream = token_stream(tok, read_stories(args.valid))
-        summary["valid_ppl"] = perplexity(model, vstream, args.block_size, device)
-        summary["valid_tokens"] = min(len(vstream) - 1, 100_000)
+    if args.eval_every and (not best["curve"] or best["curve"][-1][0] != summary["step"]):
+        keep_best(summary["step"], summary["step"])  # stopped by the time budget
+    if best["state"] is not None:
+        model.load_state_dict(best["state"])
+        summary.update(dev_ppl=best["dev_ppl"], kept_step=best["step"], dev_curve=best["curve"])
+        print(f"[target] kept the weights of step {best['step']} "
+              f"(development perplexity {best['dev_ppl']:.3f})")
+    if vstream is not None:
+        summary["valid_ppl"] = perplexity(model, vstream, test_block, device,
+                                          max_tokens=TEST_TOKENS)
+        summary["valid_tokens"] = min(len(vstream) - 1, TEST_TOKENS)
         print(f"[target] held-out perplexity {summary['valid_ppl']:.3f}")
     summary["train_ppl_last"] = math.exp(summary["loss"])
     save_causal_lm(model, tok, args.out, args.save_dtype, extra_card=summary)
