@@ -1,6 +1,6 @@
 """`make demo`: offline batch generation on the embedded pair, with and without specdiff.
 
-Greedy generation of held-out TinyStories prompts by models/small-target alone (40 M
+Greedy generation of held-out TinyStories prompts by models/small-target alone (37 M
 parameters), then with specdiff drafting by models/small-mdlm (``"model": "mdlm"``
 resolves to it through the target's ``specdiff.json``); ``--tiny`` runs the tiny pair
 (models/tiny-target with models/tiny-mdlm) instead. Prints a few generations, the
