@@ -96,6 +96,15 @@ def test_eval_every_keeps_the_weights_with_the_lowest_development_perplexity(tmp
         pytest.approx(summary["valid_ppl"], rel=1e-3)
 
 
+def test_eval_every_must_be_a_positive_step_count(tmp_path, corpus, target):
+    valid = ROOT / "data" / "tinystories" / "tinystories_v1_valid_head.txt"
+    args = [a for a in TINY_TARGET if a not in ("--vocab-size", "300")]
+    with pytest.raises(SystemExit, match="--eval-every must be at least 1"):
+        main(["target", "--corpus", str(corpus), "--valid", str(valid), "--tokenizer",
+              str(target), "--out", str(tmp_path / "t"), "--max-steps", "2",
+              "--eval-every", "0", *args])
+
+
 def test_tokenizer_subcommand(tmp_path, corpus):
     from transformers import AutoTokenizer
 

@@ -27,7 +27,8 @@ MAX_SHARD_SIZE = "40MB"
 # The held-out perplexity every target reports: the first TEST_TOKENS tokens of --valid.
 # --eval-every chooses weights on the tokens after them, never on these.
 TEST_TOKENS = 100_000
-TEST_BLOCK = 256  # non-overlapping blocks of this many tokens (or n_positions), whatever --block-size is
+# Non-overlapping blocks of this many tokens (or n_positions), whatever --block-size is.
+TEST_BLOCK = 256
 
 
 def save_causal_lm(model, tokenizer, out, dtype: str, extra_card: dict | None = None) -> None:
@@ -176,6 +177,8 @@ def run(args) -> dict:
                         state={k: v.detach().to("cpu", copy=True)
                                for k, v in model.state_dict().items()})
 
+    if args.eval_every is not None and args.eval_every < 1:
+        raise SystemExit(f"--eval-every must be at least 1 (steps), got {args.eval_every}")
     if args.eval_every and (vstream is None or len(vstream) <= TEST_TOKENS + TEST_BLOCK):
         raise SystemExit(f"--eval-every needs a --valid text longer than {TEST_TOKENS:,} "
                          f"+ {TEST_BLOCK} tokens (development tokens follow the held-out ones)")
