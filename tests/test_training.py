@@ -13,6 +13,7 @@ from vllm_specdiff.training.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "data" / "tinystories" / "tinystories_v1_train_head_2MiB.txt"
+VALID = ROOT / "data" / "tinystories" / "tinystories_v1_valid_head.txt"
 
 TINY_TARGET = ["--vocab-size", "300", "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
                "--n-positions", "64", "--block-size", "32", "--batch-size", "4",
@@ -75,19 +76,17 @@ def test_eval_every_keeps_the_weights_with_the_lowest_development_perplexity(tmp
     from vllm_specdiff.training.target import TEST_BLOCK, TEST_TOKENS, perplexity
     from vllm_specdiff.training.tokenizer import load_tokenizer
 
-    valid = ROOT / "data" / "tinystories" / "tinystories_v1_valid_head.txt"
     out = tmp_path / "early-stopped"
-    args = [a for a in TINY_TARGET if a not in ("--vocab-size", "300")]
     # A learning rate this high makes later steps worse as often as better (with these
     # seeds the best weights are not the last, which the test checks).
-    assert main(["target", "--corpus", str(corpus), "--valid", str(valid), "--tokenizer",
+    assert main(["target", "--corpus", str(corpus), "--valid", str(VALID), "--tokenizer",
                  str(target), "--out", str(out), "--max-steps", "6", "--eval-every", "2",
-                 "--lr", "3.0", *args]) == 0
+                 "--lr", "3.0", *TINY_TARGET]) == 0
     summary = json.loads((out / "training_summary.json").read_text())
     steps, ppls = zip(*summary["dev_curve"])
     assert steps == (2, 4, 6)
     assert summary["kept_step"] == steps[ppls.index(min(ppls))] != steps[-1]
-    vstream = token_stream(load_tokenizer(str(target)), read_stories(valid))
+    vstream = token_stream(load_tokenizer(str(target)), read_stories(VALID))
     saved = GPT2LMHeadModel.from_pretrained(out, dtype=torch.float32)
     block = min(TEST_BLOCK, saved.config.n_positions)
     assert perplexity(saved, vstream[TEST_TOKENS:], block, "cpu") == pytest.approx(
@@ -97,12 +96,10 @@ def test_eval_every_keeps_the_weights_with_the_lowest_development_perplexity(tmp
 
 
 def test_eval_every_must_be_a_positive_step_count(tmp_path, corpus, target):
-    valid = ROOT / "data" / "tinystories" / "tinystories_v1_valid_head.txt"
-    args = [a for a in TINY_TARGET if a not in ("--vocab-size", "300")]
     with pytest.raises(SystemExit, match="--eval-every must be at least 1"):
-        main(["target", "--corpus", str(corpus), "--valid", str(valid), "--tokenizer",
+        main(["target", "--corpus", str(corpus), "--valid", str(VALID), "--tokenizer",
               str(target), "--out", str(tmp_path / "t"), "--max-steps", "2",
-              "--eval-every", "0", *args])
+              "--eval-every", "0", *TINY_TARGET])
 
 
 def test_tokenizer_subcommand(tmp_path, corpus):

@@ -141,6 +141,8 @@ def run(args) -> dict:
 
     from vllm_specdiff.training.tokenizer import load_tokenizer, train_tokenizer
 
+    if args.eval_every is not None and args.eval_every < 1:
+        raise SystemExit(f"--eval-every must be at least 1 (steps), got {args.eval_every}")
     common.set_threads(args.threads)
     common.seed_everything(args.seed)
     device = common.pick_device(args.device)
@@ -177,8 +179,6 @@ def run(args) -> dict:
                         state={k: v.detach().to("cpu", copy=True)
                                for k, v in model.state_dict().items()})
 
-    if args.eval_every is not None and args.eval_every < 1:
-        raise SystemExit(f"--eval-every must be at least 1 (steps), got {args.eval_every}")
     if args.eval_every and (vstream is None or len(vstream) <= TEST_TOKENS + TEST_BLOCK):
         raise SystemExit(f"--eval-every needs a --valid text longer than {TEST_TOKENS:,} "
                          f"+ {TEST_BLOCK} tokens (development tokens follow the held-out ones)")
