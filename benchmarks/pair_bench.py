@@ -60,6 +60,7 @@ def methods(quick: bool):
     return [NONE, specdiff(4, 1, **fixed), specdiff(8, 1, **fixed), specdiff(8, 2, **fixed),
             specdiff(16, 2, **fixed), specdiff(8, 1, context_window=16, **fixed),
             specdiff(8, 1, drafter_dtype="bfloat16", **fixed),
+            specdiff(8, 1, drafter_dtype="float32", **fixed),
             specdiff(8, 1), specdiff(8, 1, **MDLM_ONLY), draft_model(2), draft_model(4),
             draft_model(8),
             draft_model(4, probabilistic=True), draft_model(8, probabilistic=True), ngram(4)]

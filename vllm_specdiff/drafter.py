@@ -214,9 +214,10 @@ class DiffusionDrafter:
     """Runs an MDLM as a drafter for a batch of token contexts."""
 
     def __init__(self, model: MDLM, steps: int, schedule: str, context_window: int,
-                 draft_temperature: float | None = None, max_positions: int | None = None):
+                 draft_temperature: float | None = None, max_positions: int | None = None,
+                 matmul_dtype: torch.dtype | None = None):
         self.model = model
-        model.backbone.freeze_conditioning(max_positions)
+        model.backbone.freeze_conditioning(max_positions, matmul_dtype)
         self.steps = steps
         self.schedule = schedule
         self.context_window = context_window

@@ -44,6 +44,30 @@ def torch_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
+def native_bf16_matmul(device: torch.device) -> bool:
+    """A CPU that multiplies bfloat16 in hardware (AVX512-BF16 or AMX)."""
+    cpu = getattr(torch, "cpu", None)
+    return device.type == "cpu" and any(
+        getattr(cpu, name, lambda: False)()
+        for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def drafter_dtypes(setting: str, target_dtype: torch.dtype,
+                   device: torch.device) -> tuple[torch.dtype, torch.dtype]:
+    """(the drafter's dtype, its linears' weight dtype) for a ``drafter_dtype`` setting.
+    ``auto`` is the target's dtype, except that a float32 drafter on a CPU with native
+    bfloat16 multiplies keeps its linears' weights in bfloat16: a drafting pass at small
+    batch streams its weights from memory and does little else, so half the bytes is
+    most of half the time (``benchmarks/results/drafter_matmul.md``). LayerNorm,
+    attention, the cache and q stay float32. Exactness does not depend on it: q is
+    whatever distribution the drafts were drawn from."""
+    if setting != "auto":
+        return torch_dtype(setting), torch_dtype(setting)
+    if target_dtype == torch.float32 and native_bf16_matmul(device):
+        return torch.float32, torch.bfloat16
+    return target_dtype, target_dtype
+
+
 def read_config(folder: str | os.PathLike) -> MDLMConfig:
     path = Path(folder) / CONFIG_FILE
     with open(path) as f:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -114,6 +115,7 @@ class Rotary(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [..., L, head_dim] (q and k may come stacked, [2, B, H, L, head_dim])."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
@@ -153,6 +155,58 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale) + shift
 
 
+Linear = tuple[torch.Tensor, "torch.Tensor | None"]  # weight, bias
+
+
+class Folded(NamedTuple):
+    """A block's inference weights with its constant adaLN modulation folded in (no
+    time conditioning: c is the same every pass). LayerNorm then modulate is one
+    LayerNorm with weight ``w (1 + scale)`` and bias ``shift``; a gate scales the
+    output rows of the linear before it. Fewer, larger ops: the drafter's pass is
+    ~700 small ops at batch 1, and their dispatch, not the arithmetic, is its cost.
+    The linears' weights may be held in another dtype than the activations
+    (``freeze_conditioning``'s ``matmul_dtype``)."""
+
+    norm1: tuple[torch.Tensor, torch.Tensor]
+    qkv: Linear
+    attn_out: Linear  # rows scaled by gate_msa
+    norm2: tuple[torch.Tensor, torch.Tensor]
+    fc1: Linear
+    fc2: Linear  # the mlp's last linear, scaled by gate_mlp
+
+
+class FoldedBackbone(NamedTuple):
+    blocks: list[Folded]
+    norm_final: tuple[torch.Tensor, torch.Tensor]  # the output layer's, modulation folded
+    head: Linear
+
+
+def folded_norm(norm: "LayerNorm", shift: torch.Tensor, scale: torch.Tensor):
+    """(weight, bias) of ``modulate(norm(x), shift, scale)`` as one LayerNorm (float32,
+    as the norm computes)."""
+    weight = norm.weight.float() * (1 + scale.float().flatten())
+    return weight, shift.float().flatten()
+
+
+def folded_layer_norm(x: torch.Tensor, norm: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return F.layer_norm(x.float(), (x.shape[-1],), *norm).to(x.dtype)
+
+
+def linear_of(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+              row_scale: torch.Tensor | None = None) -> Linear:
+    """An inference copy of a linear layer's weights in ``dtype``, its output rows
+    scaled by ``row_scale`` (a folded gate)."""
+    if row_scale is not None:
+        weight = row_scale.float()[:, None] * weight.float()
+        bias = None if bias is None else row_scale.float() * bias.float()
+    return weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
+def matmul(x: torch.Tensor, linear: Linear) -> torch.Tensor:
+    """``F.linear`` in the weights' dtype, the result in x's."""
+    return F.linear(x.to(linear[0].dtype), *linear).to(x.dtype)
+
+
 class DDiTBlock(nn.Module):
     def __init__(self, cfg: MDLMConfig):
         super().__init__()
@@ -170,13 +224,39 @@ class DDiTBlock(nn.Module):
     def modulation(self, c):
         return self.adaLN_modulation(c)[:, None].chunk(6, dim=-1)
 
-    def forward(self, x, c, cos, sin, attn_mask, modulation=None, past=None):
+    @torch.no_grad()
+    def fold(self, modulation, matmul_dtype: torch.dtype) -> Folded:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            m.flatten() for m in modulation)
+        fc1, fc2 = self.mlp[0], self.mlp[2]
+        return Folded(
+            folded_norm(self.norm1, shift_msa, scale_msa),
+            linear_of(self.attn_qkv.weight, None, matmul_dtype),
+            linear_of(self.attn_out.weight, None, matmul_dtype, gate_msa),
+            folded_norm(self.norm2, shift_mlp, scale_mlp),
+            linear_of(fc1.weight, fc1.bias, matmul_dtype),
+            linear_of(fc2.weight, fc2.bias, matmul_dtype, gate_mlp))
+
+    def forward_folded(self, x, w: Folded, cos, sin, attn_mask, past=None):
+        """``forward`` with the modulation folded into the weights (inference only)."""
+        B, L, d = x.shape
+        qkv = matmul(folded_layer_norm(x, w.norm1), w.qkv)
+        qkv = qkv.view(B, L, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+        qk = apply_rotary(qkv[:2], cos, sin)
+        q, k, v = qk[0], qk[1], qkv[2]
+        kv = (k, v)
+        if past is not None:
+            k, v = torch.cat((past[0], k), 2), torch.cat((past[1], v), 2)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        x = x + matmul(a.transpose(1, 2).reshape(B, L, d), w.attn_out)
+        h = F.gelu(matmul(folded_layer_norm(x, w.norm2), w.fc1), approximate="tanh")
+        return x + matmul(h, w.fc2), kv
+
+    def forward(self, x, c, cos, sin, attn_mask, past=None):
         """past: (k, v) [B, H, P, head_dim] of cached tokens x attends to before itself.
         Returns the new x and x's own (k, v), rotary applied, for a cache to keep."""
         B, L, d = x.shape
-        (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp) = (
-            modulation if modulation is not None else self.modulation(c)
-        )
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c)
         h = modulate(self.norm1(x), shift_msa, scale_msa)
         q, k, v = self.attn_qkv(h).view(B, L, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -203,9 +283,12 @@ class DDitFinalLayer(nn.Module):
     def modulation(self, c):
         return self.adaLN_modulation(c)[:, None].chunk(2, dim=-1)
 
-    def forward(self, x, c, modulation=None):
-        shift, scale = modulation if modulation is not None else self.modulation(c)
+    def forward(self, x, c):
+        shift, scale = self.modulation(c)
         return self.linear(modulate(self.norm_final(x), shift, scale))
+
+    def forward_folded(self, x, norm: tuple[torch.Tensor, torch.Tensor], head: Linear):
+        return matmul(folded_layer_norm(x, norm), head)
 
 
 class DITBackbone(nn.Module):
@@ -217,22 +300,32 @@ class DITBackbone(nn.Module):
         self.rotary_emb = Rotary(cfg.hidden_dim // cfg.n_heads)
         self.blocks = nn.ModuleList(DDiTBlock(cfg) for _ in range(cfg.n_blocks))
         self.output_layer = DDitFinalLayer(cfg)
-        self.frozen_modulation = None  # see freeze_conditioning()
+        # See freeze_conditioning(): each block's Folded weights and the output layer's
+        # folded norm, when c is constant.
+        self.folded: FoldedBackbone | None = None
 
     @torch.no_grad()
-    def freeze_conditioning(self, max_positions: int | None = None) -> None:
+    def freeze_conditioning(self, max_positions: int | None = None,
+                            matmul_dtype: torch.dtype | None = None) -> None:
         """What every inference pass would recompute, computed once (call again after
         changing weights): the rotary table of positions 0 .. max(model_length,
-        max_positions) - 1 and, without time conditioning, c and every adaLN output
-        (constants then). A cached drafter keeps a context's own positions, which
-        may exceed model_length (rotary attention only sees their differences)."""
+        max_positions) - 1 and, without time conditioning, every adaLN output (constants
+        then), folded into the weights (``Folded``). A cached drafter keeps a context's
+        own positions, which may exceed model_length (rotary attention only sees their
+        differences). ``matmul_dtype``: the folded linears' weights (default: the
+        model's dtype); bfloat16 halves the bytes a pass streams, which is its cost on
+        a CPU (``DiffusionDrafter``)."""
         self.rotary_emb.freeze(max(self.config.model_length, max_positions or 0))
         if self.config.time_conditioning:
             return
         p = self.output_layer.linear.weight
         c = F.silu(self.sigma_map(torch.zeros(1, device=p.device)))
-        self.frozen_modulation = (c, [b.modulation(c) for b in self.blocks],
-                                  self.output_layer.modulation(c))
+        shift, scale = self.output_layer.modulation(c)
+        dtype = matmul_dtype or p.dtype
+        head = self.output_layer.linear
+        self.folded = FoldedBackbone([b.fold(b.modulation(c), dtype) for b in self.blocks],
+                                     folded_norm(self.output_layer.norm_final, shift, scale),
+                                     linear_of(head.weight, head.bias, dtype))
 
     def forward(self, ids, sigma, positions=None, attn_mask=None, num_last=None, past=None,
                 num_scored=None):
@@ -244,21 +337,26 @@ class DITBackbone(nn.Module):
         if positions is None:
             positions = torch.arange(L, device=ids.device).expand(B, L)
         x = self.vocab_embed(ids)
-        if self.frozen_modulation is not None and not self.training:
-            c, block_mods, final_mod = self.frozen_modulation
-        else:
+        folded = self.folded if not self.training else None
+        if folded is None:
             if not self.config.time_conditioning:
                 sigma = torch.zeros_like(sigma)
-            c, block_mods, final_mod = F.silu(self.sigma_map(sigma)), [None] * len(self.blocks), None
+            c = F.silu(self.sigma_map(sigma))
         cos, sin = self.rotary_emb.cos_sin(positions)
-        for layer, (block, mod) in enumerate(zip(self.blocks, block_mods)):
-            x, kv = block(x, c, cos, sin, attn_mask, mod, None if past is None else past.read(layer))
+        for layer, block in enumerate(self.blocks):
+            cached = None if past is None else past.read(layer)
+            if folded is None:
+                x, kv = block(x, c, cos, sin, attn_mask, past=cached)
+            else:
+                x, kv = block.forward_folded(x, folded.blocks[layer], cos, sin, attn_mask, cached)
             if past is not None:
                 past.write(layer, *kv)
         if num_last is not None:  # drafting only needs logits of the masked tail
             start = L - num_last
             x = x[:, start : L if num_scored is None else start + num_scored]
-        return self.output_layer(x, c, final_mod)
+        if folded is None:
+            return self.output_layer(x, c)
+        return self.output_layer.forward_folded(x, folded.norm_final, folded.head)
 
 
 def padding_mask(real: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from vllm_specdiff.adaptive import AdaptiveDraftLength, StepOutcome
 from vllm_specdiff.config import ADDITIONAL_CONFIG_KEY, SpecDiffConfig
 from vllm_specdiff.drafter import CachedCanvasArgs, ContextBatch, DiffusionDrafter, Draft
 from vllm_specdiff.drafter_cache import DrafterCache, make_drafter_cache
-from vllm_specdiff.loader import load_mdlm, torch_dtype
+from vllm_specdiff.loader import drafter_dtypes, load_mdlm
 
 logger = logging.getLogger("vllm.specdiff")
 
@@ -125,8 +125,7 @@ class SpecDiffProposer:
         from vllm.platforms import current_platform
 
         device = torch.device(current_platform.device_type)
-        dtype = (self.target_dtype if self.config.drafter_dtype == "auto"
-                 else torch_dtype(self.config.drafter_dtype))
+        dtype, matmul_dtype = drafter_dtypes(self.config.drafter_dtype, self.target_dtype, device)
         model = load_mdlm(self.config.drafter_path, device=device, dtype=dtype)
         gamma = self.config.gamma
         block_causal = model.config.attention == "block_causal"
@@ -141,6 +140,7 @@ class SpecDiffProposer:
             context_window=window,
             draft_temperature=self.config.draft_temperature,
             max_positions=self.max_model_len + gamma + 1,
+            matmul_dtype=matmul_dtype,
         )
         if use_cache:
             self.adaptive.catch_up = True
@@ -162,9 +162,11 @@ class SpecDiffProposer:
 
             self.tp_group = get_tp_group()
         logger.info(
-            "specdiff: drafter %s (%.1fM params, %s, %s) gamma=%d T=%d schedule=%s W=%d "
+            "specdiff: drafter %s (%.1fM params, %s%s, %s) gamma=%d T=%d schedule=%s W=%d "
             "cache=%s adaptive=%s prompt lookup=%s", self.config.drafter_path,
-            model.num_parameters() / 1e6, dtype, model.config.attention, gamma,
+            model.num_parameters() / 1e6, dtype,
+            "" if matmul_dtype == dtype else f" with {matmul_dtype} matmul weights",
+            model.config.attention, gamma,
             self.config.diffusion_steps, self.config.schedule, window,
             "off" if self.cache is None else "exact" if self.exact_cache else
             f"approximate (refresh every {self.config.cache_refresh_steps} steps)",
