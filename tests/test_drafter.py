@@ -67,9 +67,53 @@ def test_mdlm_owt_layout_round_trip(tmp_path):
     assert read_config(tmp_path).mask_token_id == 100
 
 
-def test_drafts_do_not_depend_on_batch_neighbours():
-    """Padding is masked: a row drafts the same alone and beside longer rows."""
-    drafter = small_drafter(steps=2, schedule="left_to_right", context_window=32)
+@pytest.mark.parametrize("attention", ["bidirectional", "block_causal"])
+def test_folded_inference_weights_compute_what_the_modules_do(attention):
+    """freeze_conditioning folds the constant adaLN modulation into LayerNorm and
+    linear weights; the logits must be the modules' own (small_mdlm's modulation is
+    far from identity, so a dropped shift, scale or gate shows)."""
+    m = small_mdlm()
+    m.config.attention = attention
+    ids = torch.randint(0, 100, (3, 20))
+    with torch.inference_mode():
+        reference = m(ids, block_len=6)
+        m.backbone.freeze_conditioning()
+        torch.testing.assert_close(m(ids, block_len=6), reference, atol=1e-5, rtol=1e-5)
+        # Weights multiplied in bfloat16: the same function at bfloat16's precision.
+        m.backbone.freeze_conditioning(matmul_dtype=torch.bfloat16)
+        assert m.backbone.folded.head[0].dtype == torch.bfloat16
+        torch.testing.assert_close(m(ids, block_len=6), reference, atol=0.05, rtol=0.05)
+
+
+def test_time_conditioned_drafters_are_not_folded():
+    m = small_mdlm()
+    m.config.time_conditioning = True
+    m.backbone.freeze_conditioning()
+    assert m.backbone.folded is None
+
+
+def test_drafter_dtype_auto_multiplies_in_bfloat16_only_where_the_cpu_does(monkeypatch):
+    from vllm_specdiff import loader
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    f32, bf16 = torch.float32, torch.bfloat16
+    for native in (True, False):
+        monkeypatch.setattr(loader, "native_bf16_matmul", lambda device, n=native: n)
+        assert loader.drafter_dtypes("auto", f32, cpu) == (f32, bf16 if native else f32)
+        assert loader.drafter_dtypes("auto", bf16, cpu) == (bf16, bf16)
+        assert loader.drafter_dtypes("float32", f32, cpu) == (f32, f32)
+        assert loader.drafter_dtypes("float16", f32, cpu) == (torch.float16, torch.float16)
+    monkeypatch.undo()
+    assert not loader.native_bf16_matmul(cuda)
+
+
+@pytest.mark.parametrize("matmul_dtype", [None, torch.bfloat16])
+def test_drafts_do_not_depend_on_batch_neighbours(matmul_dtype):
+    """Padding is masked: a row drafts the same alone and beside longer rows (so a
+    seeded request reproduces whatever it is batched with), also with bfloat16
+    multiplies (drafter_dtype auto on a CPU with native bfloat16)."""
+    drafter = small_drafter(steps=2, schedule="left_to_right", context_window=32,
+                            matmul_dtype=matmul_dtype)
     contexts = [[5, 6, 7], list(range(1, 40)), [9]]
     temps = [0.0, 1.0, 0.5]
     gens = lambda: [torch.Generator().manual_seed(i) for i in range(3)]  # noqa: E731

@@ -58,9 +58,11 @@ class SpecDiffConfig(NamedTuple):
     # auto (exact for block-causal drafters, off for bidirectional ones).
     drafter_cache: str = "auto"
     cache_refresh_steps: int = 4
-    # auto (the target's dtype) | float32 | bfloat16 | float16. A bfloat16 drafter is
-    # faster on AVX512-BF16 CPUs and still exact, but its q then shifts slightly with
-    # batch padding, so seeded sampled requests reproduce only when batched alike.
+    # auto | float32 | bfloat16 | float16. auto: the target's dtype, except that a
+    # float32 drafter on a CPU with native bfloat16 multiplies (AVX512-BF16, AMX) keeps
+    # its linear weights in bfloat16 (loader.drafter_dtypes). Exact whatever the dtype;
+    # a bfloat16 drafter's q shifts slightly with batch padding, so its seeded sampled
+    # requests reproduce only when batched alike.
     drafter_dtype: str = "auto"
     # None: draft at each request's own temperature (greedy requests draft argmax).
     draft_temperature: float | None = None

@@ -58,7 +58,7 @@ def drafter_dtypes(setting: str, target_dtype: torch.dtype,
     ``auto`` is the target's dtype, except that a float32 drafter on a CPU with native
     bfloat16 multiplies keeps its linears' weights in bfloat16: a drafting pass at small
     batch streams its weights from memory and does little else, so half the bytes is
-    most of half the time (``benchmarks/results/drafter_matmul.md``). LayerNorm,
+    most of half the time (``benchmarks/results/pair_bench_small_bf16_matmul.md``). LayerNorm,
     attention, the cache and q stay float32. Exactness does not depend on it: q is
     whatever distribution the drafts were drawn from."""
     if setting != "auto":
