@@ -3,6 +3,7 @@ decoding at every concurrency from 1 to 64, and through a load change.
 
     python benchmarks/floor.py            # b = 1 2 4 8 16 32 64, greedy and temperature 1 (~40 min)
     python benchmarks/floor.py --quick    # b = 1 8 32, greedy
+    python benchmarks/floor.py --pair small --batches 1 32 --repeats 9 --no-load-change
 
 Protocol (spec_bench.py's): a cell b runs engines with ``max_num_seqs = b`` and submits 3b
 prompts at once (Spec-Bench and held-out TinyStories, round-robin), 128 new tokens each;
@@ -16,7 +17,9 @@ vLLM's speculative mode itself costs.
 Load change: engines with ``max_num_seqs = 64``; one request starts alone and, once it
 has 32 tokens, 63 more arrive at once; the time until all 64 have their 128 tokens.
 
-Results: benchmarks/results/floor[_quick].{md,json}.
+``--pair`` picks the target and drafter (default: the tiny pair).
+
+Results: benchmarks/results/floor[_small][_quick][_<label>].{md,json}.
 """
 
 from __future__ import annotations
@@ -31,9 +34,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from spec_bench import (NONE, RESULTS, Engines, environment, fmt,  # noqa: E402
-                        load_prompts, median_range, run_rounds, specdiff, speedup_cell,
-                        summarise)
+from spec_bench import (NONE, PAIRS, RESULTS, Engines, environment, fmt,  # noqa: E402
+                        load_prompts, median_range, on_pair, run_rounds, specdiff,
+                        speedup_cell, summarise)
 
 from vllm_specdiff.config import SpecDiffConfig  # noqa: E402
 from vllm_specdiff.runtime import EMBEDDED_TARGET, prepare_process  # noqa: E402
@@ -75,8 +78,8 @@ def workload_prompts() -> list[list[int]]:
     return [ids for _, ids in load_prompts(tokenizer, PROMPT_TOKENS)]
 
 
-def report(cells, load_cells, env, args, minutes) -> str:
-    lines = ["# The floor: specdiff's defaults vs plain decoding, concurrency 1 to 64", "",
+def report(cells, load_cells, env, args, minutes, methods) -> str:
+    lines = [f"# The floor: specdiff's defaults vs plain decoding, concurrency 1 to 64 ({args.pair} pair)", "",
              f"Command: `{env['command']}`  ", f"Commit: {env['commit']}  ",
              f"Date: {env['date']}; wall time {minutes:.0f} min  ",
              f"Machine: {env['cpu']}, {env['cores']} cores, torch threads {env['torch_threads']}, "
@@ -113,13 +116,14 @@ def report(cells, load_cells, env, args, minutes) -> str:
                          f"{'-' if c['tau'] is None else format(c['tau'], '.2f')} |")
         lines.append("")
     lines += ["## Settings", ""] + [f"- `{m.name}`: `{json.dumps(m.speculative_config, sort_keys=True)}`"
-                                    for m in METHODS]
+                                    for m in methods]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_workload_args(ap)
+    ap.add_argument("--pair", choices=sorted(PAIRS), default="tiny")
     ap.add_argument("--no-load-change", action="store_true")
     args = workload_args(ap.parse_args())
     prepare_process(quiet=True)
@@ -130,32 +134,34 @@ def main() -> None:
     def log(message):
         print(f"[{(time.time() - started) / 60:5.1f} min] {message}", flush=True)
 
+    methods = [on_pair(m, PAIRS[args.pair]) for m in METHODS]
     cells, load_cells = [], []
     for batch in args.batches:
-        engines = Engines(METHODS, batch)
+        engines = Engines(methods, batch)
         try:
             for temperature in args.temperatures:
-                runs = run_rounds(engines, METHODS, prompts[: 3 * batch], args.max_tokens,
+                runs = run_rounds(engines, methods, prompts[: 3 * batch], args.max_tokens,
                                   temperature, args.repeats, log, f"b={batch} t={temperature}")
-                cells += summarise(METHODS, runs, batch, temperature)
+                cells += summarise(methods, runs, batch, temperature)
         finally:
             engines.close()
     if not args.no_load_change:
-        engines = Engines(METHODS, LOAD_CHANGE["batch"])
+        engines = Engines(methods, LOAD_CHANGE["batch"])
         try:
-            runs = run_rounds(engines, METHODS, prompts[: LOAD_CHANGE["batch"]], args.max_tokens,
+            runs = run_rounds(engines, methods, prompts[: LOAD_CHANGE["batch"]], args.max_tokens,
                               0.0, args.repeats, log, "load change", LOAD_CHANGE["first_tokens"])
-            load_cells = summarise(METHODS, runs, LOAD_CHANGE["batch"], 0.0)
+            load_cells = summarise(methods, runs, LOAD_CHANGE["batch"], 0.0)
         finally:
             engines.close()
-    stem = ("floor_quick" if args.quick else "floor") + (f"_{args.label}" if args.label else "")
+    stem = ("floor" + ("" if args.pair == "tiny" else f"_{args.pair}")
+            + ("_quick" if args.quick else "") + (f"_{args.label}" if args.label else ""))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    env.update(batches=args.batches, temperatures=args.temperatures, repeats=args.repeats,
+    env.update(pair=args.pair, batches=args.batches, temperatures=args.temperatures, repeats=args.repeats,
                max_tokens=args.max_tokens, load_change=LOAD_CHANGE)
     (RESULTS / f"{stem}.json").write_text(json.dumps(
         {**env, "cells": cells, "load_change_cells": load_cells}, indent=1) + "\n")
     (RESULTS / f"{stem}.md").write_text(report(cells, load_cells, env, args,
-                                               (time.time() - started) / 60))
+                                               (time.time() - started) / 60, methods))
     log(f"wrote {RESULTS / stem}.md")
 
 

@@ -156,7 +156,9 @@ def engine_process(conn, method: Method, max_num_seqs: int) -> None:
     if method.family == "specdiff-off":  # the floor: specdiff's engine, drafting switched off
         from vllm_specdiff.adaptive import AdaptiveDraftLength
 
+        # No MDLM drafts and no copied ones (prompt lookup is drafting too).
         AdaptiveDraftLength.next_draft_len = lambda self, batch: 0
+        AdaptiveDraftLength.copying_pays = lambda self, batch: False
     llm = LLM(model=method.target, speculative_config=method.speculative_config,
               max_num_seqs=max_num_seqs, max_model_len=MAX_MODEL_LEN,
               kv_cache_memory_bytes=KV_CACHE_BYTES,

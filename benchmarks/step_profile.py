@@ -177,9 +177,10 @@ def profile(name, spec_config, target, batches, max_tokens, temperature, timers,
     from vllm_specdiff.adaptive import AdaptiveDraftLength
 
     cells = []
-    choose = AdaptiveDraftLength.next_draft_len
-    if name == FLOOR:
+    choose, copy = AdaptiveDraftLength.next_draft_len, AdaptiveDraftLength.copying_pays
+    if name == FLOOR:  # no MDLM drafts, no copied ones
         AdaptiveDraftLength.next_draft_len = lambda self, batch: 0
+        AdaptiveDraftLength.copying_pays = lambda self, batch: False
     llm = LLM(model=str(target), speculative_config=spec_config,
               max_num_seqs=max(batches), max_model_len=512, **cpu_engine_defaults())
     try:
@@ -212,7 +213,7 @@ def profile(name, spec_config, target, batches, max_tokens, temperature, timers,
                 f"(forward {parts['target forward']:.2f}, drafting {parts['drafting']:.2f}, "
                 f"sample/verify {parts['sample / verify']:.2f})")
     finally:
-        AdaptiveDraftLength.next_draft_len = choose
+        AdaptiveDraftLength.next_draft_len, AdaptiveDraftLength.copying_pays = choose, copy
         close_engine(llm)
     return cells
 
