@@ -162,10 +162,10 @@ class Folded(NamedTuple):
     """A block's inference weights with its constant adaLN modulation folded in (no
     time conditioning: c is the same every pass). LayerNorm then modulate is one
     LayerNorm with weight ``w (1 + scale)`` and bias ``shift``; a gate scales the
-    output rows of the linear before it. Fewer, larger ops: the drafter's pass is
-    ~700 small ops at batch 1, and their dispatch, not the arithmetic, is its cost.
-    The linears' weights may be held in another dtype than the activations
-    (``freeze_conditioning``'s ``matmul_dtype``)."""
+    output rows of the linear before it. A small drafter's pass at batch 1 is ~700
+    small ops, each paying its dispatch: this removes ~100 of them. The linears'
+    weights may be held in another dtype than the activations (``freeze_conditioning``'s
+    ``matmul_dtype``)."""
 
     norm1: tuple[torch.Tensor, torch.Tensor]
     qkv: Linear
@@ -300,8 +300,7 @@ class DITBackbone(nn.Module):
         self.rotary_emb = Rotary(cfg.hidden_dim // cfg.n_heads)
         self.blocks = nn.ModuleList(DDiTBlock(cfg) for _ in range(cfg.n_blocks))
         self.output_layer = DDitFinalLayer(cfg)
-        # See freeze_conditioning(): each block's Folded weights and the output layer's
-        # folded norm, when c is constant.
+        # The inference weights with c's modulation folded in (freeze_conditioning).
         self.folded: FoldedBackbone | None = None
 
     @torch.no_grad()
