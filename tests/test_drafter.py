@@ -86,10 +86,14 @@ def test_folded_inference_weights_compute_what_the_modules_do(attention):
 
 
 def test_time_conditioned_drafters_are_not_folded():
+    """Their modulation changes with sigma; nor do they multiply in another dtype."""
     m = small_mdlm()
     m.config.time_conditioning = True
-    m.backbone.freeze_conditioning()
-    assert m.backbone.folded is None
+    drafter = DiffusionDrafter(m, steps=1, schedule="left_to_right", context_window=16,
+                               matmul_dtype=torch.bfloat16)
+    assert m.backbone.folded is None and drafter.matmul_dtype == torch.float32
+    assert small_drafter(steps=1, schedule="left_to_right", context_window=16,
+                         matmul_dtype=torch.bfloat16).matmul_dtype == torch.bfloat16
 
 
 def test_drafter_dtype_auto_multiplies_in_bfloat16_only_where_the_cpu_does(monkeypatch):

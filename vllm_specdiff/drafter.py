@@ -218,6 +218,11 @@ class DiffusionDrafter:
                  matmul_dtype: torch.dtype | None = None):
         self.model = model
         model.backbone.freeze_conditioning(max_positions, matmul_dtype)
+        folded = model.backbone.folded
+        # What the linears multiply in: a time-conditioned drafter is not folded, so
+        # it keeps its own dtype whatever was asked.
+        self.matmul_dtype = (folded.head[0].dtype if folded is not None
+                             else model.backbone.output_layer.linear.weight.dtype)
         self.steps = steps
         self.schedule = schedule
         self.context_window = context_window

@@ -56,11 +56,13 @@ def drafter_dtypes(setting: str, target_dtype: torch.dtype,
                    device: torch.device) -> tuple[torch.dtype, torch.dtype]:
     """(the drafter's dtype, its linears' weight dtype) for a ``drafter_dtype`` setting.
     ``auto`` is the target's dtype, except that a float32 drafter on a CPU with native
-    bfloat16 multiplies keeps its linears' weights in bfloat16: a drafting pass at small
-    batch streams its weights from memory and does little else, so half the bytes is
-    most of half the time (``benchmarks/results/pair_bench_small_bf16_matmul.md``). LayerNorm,
-    attention, the cache and q stay float32. Exactness does not depend on it: q is
-    whatever distribution the drafts were drawn from."""
+    bfloat16 multiplies keeps its linears' weights in bfloat16: at small batch a
+    drafting pass mostly streams weights the target's forward evicted from the caches,
+    so half the bytes is a cheaper pass (``pair_bench_small_bf16_matmul.md``: +10%
+    tokens/s at fixed gamma 8). LayerNorm, attention, the cache and q stay float32;
+    time-conditioned drafters, which are not folded (``freeze_conditioning``), multiply
+    in their own dtype. Exactness does not depend on it: q is whatever distribution
+    the drafts were drawn from."""
     if setting != "auto":
         return torch_dtype(setting), torch_dtype(setting)
     if target_dtype == torch.float32 and native_bf16_matmul(device):

@@ -165,7 +165,8 @@ class SpecDiffProposer:
             "specdiff: drafter %s (%.1fM params, %s%s, %s) gamma=%d T=%d schedule=%s W=%d "
             "cache=%s adaptive=%s prompt lookup=%s", self.config.drafter_path,
             model.num_parameters() / 1e6, dtype,
-            "" if matmul_dtype == dtype else f" with {matmul_dtype} matmul weights",
+            "" if self.drafter.matmul_dtype == dtype
+            else f" with {self.drafter.matmul_dtype} matmul weights",
             model.config.attention, gamma,
             self.config.diffusion_steps, self.config.schedule, window,
             "off" if self.cache is None else "exact" if self.exact_cache else
