@@ -111,7 +111,7 @@ def test_drafter_dtype_auto_multiplies_in_bfloat16_only_where_the_cpu_does(monke
     assert not loader.native_bf16_matmul(cuda)
 
 
-@pytest.mark.parametrize("matmul_dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("matmul_dtype", [None, torch.bfloat16], ids=["own", "bfloat16"])
 def test_drafts_do_not_depend_on_batch_neighbours(matmul_dtype):
     """Padding is masked: a row drafts the same alone and beside longer rows (so a
     seeded request reproduces whatever it is batched with), also with bfloat16
