@@ -79,7 +79,8 @@ def workload_prompts() -> list[list[int]]:
 
 
 def report(cells, load_cells, env, args, minutes, methods) -> str:
-    lines = [f"# The floor: specdiff's defaults vs plain decoding, concurrency 1 to 64 ({args.pair} pair)", "",
+    lines = ["# The floor: specdiff's defaults vs plain decoding, concurrency 1 to 64 "
+             f"({args.pair} pair)", "",
              f"Command: `{env['command']}`  ", f"Commit: {env['commit']}  ",
              f"Date: {env['date']}; wall time {minutes:.0f} min  ",
              f"Machine: {env['cpu']}, {env['cores']} cores, torch threads {env['torch_threads']}, "
@@ -156,8 +157,8 @@ def main() -> None:
     stem = ("floor" + ("" if args.pair == "tiny" else f"_{args.pair}")
             + ("_quick" if args.quick else "") + (f"_{args.label}" if args.label else ""))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    env.update(pair=args.pair, batches=args.batches, temperatures=args.temperatures, repeats=args.repeats,
-               max_tokens=args.max_tokens, load_change=LOAD_CHANGE)
+    env.update(pair=args.pair, batches=args.batches, temperatures=args.temperatures,
+               repeats=args.repeats, max_tokens=args.max_tokens, load_change=LOAD_CHANGE)
     (RESULTS / f"{stem}.json").write_text(json.dumps(
         {**env, "cells": cells, "load_change_cells": load_cells}, indent=1) + "\n")
     (RESULTS / f"{stem}.md").write_text(report(cells, load_cells, env, args,
