@@ -144,6 +144,20 @@ def grid(quick: bool) -> list[Method]:
 
 # -- the engine process ---------------------------------------------------------------
 
+def switch_drafting_off():
+    """Make every specdiff engine built after this draft nothing: no MDLM drafts and no
+    copied ones (prompt lookup is drafting too). Returns what switches it back."""
+    from vllm_specdiff.adaptive import AdaptiveDraftLength as controller
+
+    originals = controller.next_draft_len, controller.copying_pays
+    controller.next_draft_len = lambda self, batch: 0
+    controller.copying_pays = lambda self, batch: False
+
+    def switch_back() -> None:
+        controller.next_draft_len, controller.copying_pays = originals
+    return switch_back
+
+
 def engine_process(conn, method: Method, max_num_seqs: int) -> None:
     """Owns one in-process vLLM engine; runs timed generations when asked."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -154,11 +168,7 @@ def engine_process(conn, method: Method, max_num_seqs: int) -> None:
     from vllm_specdiff.metrics import from_metrics
 
     if method.family == "specdiff-off":  # the floor: specdiff's engine, drafting switched off
-        from vllm_specdiff.adaptive import AdaptiveDraftLength
-
-        # No MDLM drafts and no copied ones (prompt lookup is drafting too).
-        AdaptiveDraftLength.next_draft_len = lambda self, batch: 0
-        AdaptiveDraftLength.copying_pays = lambda self, batch: False
+        switch_drafting_off()
     llm = LLM(model=method.target, speculative_config=method.speculative_config,
               max_num_seqs=max_num_seqs, max_model_len=MAX_MODEL_LEN,
               kv_cache_memory_bytes=KV_CACHE_BYTES,

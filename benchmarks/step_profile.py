@@ -174,13 +174,10 @@ def profile(name, spec_config, target, batches, max_tokens, temperature, timers,
             log) -> list[dict]:
     from vllm import LLM, SamplingParams, TokensPrompt
 
-    from vllm_specdiff.adaptive import AdaptiveDraftLength
+    from spec_bench import switch_drafting_off
 
     cells = []
-    choose, copy = AdaptiveDraftLength.next_draft_len, AdaptiveDraftLength.copying_pays
-    if name == FLOOR:  # no MDLM drafts, no copied ones
-        AdaptiveDraftLength.next_draft_len = lambda self, batch: 0
-        AdaptiveDraftLength.copying_pays = lambda self, batch: False
+    switch_back = switch_drafting_off() if name == FLOOR else None
     llm = LLM(model=str(target), speculative_config=spec_config,
               max_num_seqs=max(batches), max_model_len=512, **cpu_engine_defaults())
     try:
@@ -213,7 +210,8 @@ def profile(name, spec_config, target, batches, max_tokens, temperature, timers,
                 f"(forward {parts['target forward']:.2f}, drafting {parts['drafting']:.2f}, "
                 f"sample/verify {parts['sample / verify']:.2f})")
     finally:
-        AdaptiveDraftLength.next_draft_len, AdaptiveDraftLength.copying_pays = choose, copy
+        if switch_back is not None:
+            switch_back()
         close_engine(llm)
     return cells
 
