@@ -10,9 +10,16 @@ between rounds on the live controller:
 
 - ``adaptive``: the controller as shipped (its state carries over between its rounds,
   as in a server that has been running);
-- ``off``: draft length 0 every step (vLLM's speculative mode with nothing to verify,
-  which costs what plain decoding costs: see floor.md);
+- ``off``: draft length 0 every step and no copied drafts (vLLM's speculative mode with
+  nothing to verify, which costs what plain decoding costs: see floor.md);
 - ``gamma``: the full draft length every step.
+
+Where ``adaptive`` loses to ``off``, the table says where: every step the controller
+measures is put under its kind (plain: nothing drafted; mdlm: the MDLM drafted; copied:
+only prompt lookup drafted) and batch bucket, and a kind's ``excess`` is its time minus
+what its tokens would have cost at the plain steps' tokens/s of the same bucket and
+round, as a share of the round's measured time (negative: the kind gained). Steps the
+controller does not measure (the step after a prefill, warm-up-only steps) are not in it.
 
 Workload (floor.py's): ``max_num_seqs = b``, 3b prompts at once (Spec-Bench and held-out
 TinyStories, round-robin, last 256 prompt tokens), 128 new tokens each; one untimed
@@ -50,9 +57,16 @@ def run_cell(batch: int, temperatures: list[float], prompts, args, log) -> list[
 
     from vllm_specdiff.adaptive import AdaptiveDraftLength
 
+    from vllm_specdiff.adaptive import bucket_of
+
     policy = ["adaptive"]
     chosen: collections.Counter = collections.Counter()
+    # (kind, bucket) -> [steps, seconds, tokens] of the adaptive policy's measured steps
+    spent: dict = collections.defaultdict(lambda: [0, 0.0, 0])
     shipped = AdaptiveDraftLength.next_draft_len
+    shipped_copying = AdaptiveDraftLength.copying_pays
+    shipped_observe = AdaptiveDraftLength.observe
+    shipped_observe_copied = AdaptiveDraftLength.observe_copied
 
     def next_draft_len(self, b):
         k = {"off": 0, "gamma": self.gamma}.get(policy[0])
@@ -61,7 +75,29 @@ def run_cell(batch: int, temperatures: list[float], prompts, args, log) -> list[
             chosen[k] += 1
         return k
 
+    def copying_pays(self, b):
+        return policy[0] == "adaptive" and shipped_copying(self, b)
+
+    def account(kind, step):
+        if policy[0] == "adaptive" and step.seconds > 0 and step.batch > 0:
+            entry = spent[kind if kind == "copied" else "mdlm" if step.draft_len else "plain",
+                          bucket_of(step.batch)]
+            entry[0] += 1
+            entry[1] += step.seconds
+            entry[2] += step.tokens
+
+    def observe(self, step):
+        account("observe", step)
+        shipped_observe(self, step)
+
+    def observe_copied(self, step):
+        account("copied", step)
+        shipped_observe_copied(self, step)
+
     AdaptiveDraftLength.next_draft_len = next_draft_len
+    AdaptiveDraftLength.copying_pays = copying_pays
+    AdaptiveDraftLength.observe = observe
+    AdaptiveDraftLength.observe_copied = observe_copied
     llm = LLM(model=str(EMBEDDED_TARGET), speculative_config=SPEC, max_num_seqs=batch,
               max_model_len=MAX_MODEL_LEN, kv_cache_memory_bytes=KV_CACHE_BYTES,
               **{k: v for k, v in cpu_engine_defaults().items() if k != "gpu_memory_utilization"})
@@ -72,11 +108,12 @@ def run_cell(batch: int, temperatures: list[float], prompts, args, log) -> list[
             params = SamplingParams(temperature=temperature, max_tokens=args.max_tokens,
                                     ignore_eos=True)
             rates = collections.defaultdict(list)
-            drafted = []
+            drafted, excess = [], []
             for repeat in range(args.repeats + 1):
                 for name in POLICIES:
                     policy[0] = name
                     chosen.clear()
+                    spent.clear()
                     start = time.perf_counter()
                     outs = llm.generate(inputs, params, use_tqdm=False)
                     seconds = time.perf_counter() - start
@@ -85,17 +122,39 @@ def run_cell(batch: int, temperatures: list[float], prompts, args, log) -> list[
                         rates[name].append(rate)
                         if name == "adaptive":
                             drafted.append(sum(n for k, n in chosen.items() if k) / sum(chosen.values()))
+                            excess.append(excess_by_kind(spent))
                     log(f"b={batch} t={temperature:g} {'warm-up' if not repeat else f'rep {repeat}'} "
                         f"{name}: {rate:.0f} tok/s")
             cells.append({
                 "batch": batch, "temperature": temperature,
                 "tokens_per_s": dict(rates),
                 "ratio_to_off": {n: [r / o for r, o in zip(rates[n], rates["off"])] for n in POLICIES},
-                "adaptive_drafted_steps": drafted})
+                "adaptive_drafted_steps": drafted,
+                "adaptive_excess": excess})
     finally:
         AdaptiveDraftLength.next_draft_len = shipped
+        AdaptiveDraftLength.copying_pays = shipped_copying
+        AdaptiveDraftLength.observe = shipped_observe
+        AdaptiveDraftLength.observe_copied = shipped_observe_copied
         close_engine(llm)
     return cells
+
+
+def excess_by_kind(spent: dict) -> dict[str, dict]:
+    """Steps and excess time (share of the measured time) of each step kind, each
+    kind's tokens priced at the plain steps' tokens/s of their bucket (a bucket without
+    plain steps is left out of the excess)."""
+    total = sum(seconds for _, seconds, _ in spent.values())
+    plain_rate = {bucket: tokens / seconds for (kind, bucket), (_, seconds, tokens) in spent.items()
+                  if kind == "plain" and seconds > 0}
+    out = {}
+    for kind in ("plain", "mdlm", "copied"):
+        entries = [(b, e) for (k, b), e in spent.items() if k == kind]
+        out[kind] = {
+            "steps": sum(e[0] for _, e in entries),
+            "excess": sum(e[1] - e[2] / plain_rate[b] for b, e in entries if b in plain_rate)
+            / total if total else 0.0}
+    return out
 
 
 def cell(values: list[float]) -> str:
@@ -112,7 +171,10 @@ def report(cells, env, args, minutes) -> str:
              f"one warm-up round per policy, then {args.repeats} interleaved repeats.", "",
              "Cells: median [min-max] of per-repeat tokens/s ratios to `off` (draft length 0 "
              "every step, i.e. plain decoding's cost) in the same repeat; `~` marks a range "
-             "that straddles 1.0. `drafted` is the share of steps the adaptive policy drafted.", ""]
+             "that straddles 1.0. `drafted` is the share of steps the adaptive policy drafted; "
+             "`steps, excess`: the adaptive policy's measured steps of that kind per round and "
+             "their time beyond what their tokens cost at plain decoding's rate, as a share of "
+             "the round (medians over repeats).", ""]
     for temperature in sorted({c["temperature"] for c in cells}):
         row = [c for c in cells if c["temperature"] == temperature]
         lines += [f"## {'Greedy' if temperature == 0 else f'Temperature {temperature:g}'}", "",
@@ -124,6 +186,11 @@ def report(cells, env, args, minutes) -> str:
             lines.append(f"| {name} | " + " | ".join(cell(c["ratio_to_off"][name]) for c in row) + " |")
         lines.append("| adaptive: drafted | " + " | ".join(
             f"{100 * statistics.median(c['adaptive_drafted_steps']):.0f}%" for c in row) + " |")
+        for kind in ("mdlm", "copied"):
+            lines.append(f"| adaptive: {kind} steps, excess | " + " | ".join(
+                f"{statistics.median(e[kind]['steps'] for e in c['adaptive_excess']):.0f}, "
+                f"{100 * statistics.median(e[kind]['excess'] for e in c['adaptive_excess']):+.1f}%"
+                for c in row) + " |")
         lines.append("")
     return "\n".join(lines)
 
