@@ -2,6 +2,7 @@
 
     python benchmarks/controller_cost.py            # b = 1 2 4 8 16 32 64, greedy and temperature 1
     python benchmarks/controller_cost.py --quick    # b = 1 8 32, greedy
+    python benchmarks/controller_cost.py --pair small --batches 1 --load-change
 
 floor.py compares engines in different processes, whose speeds drift apart by 10% or
 more on a shared 2-core machine. Here one specdiff engine (this commit's defaults) runs
@@ -25,7 +26,9 @@ Workload (floor.py's): ``max_num_seqs = b``, 3b prompts at once (Spec-Bench and 
 TinyStories, round-robin, last 256 prompt tokens), 128 new tokens each; one untimed
 round of each policy, then ``--repeats`` rounds of each. Cells: median [min-max] of the
 per-repeat ratios to ``off`` in the same repeat, and how often ``adaptive`` drafted.
-Results: benchmarks/results/controller_cost[_quick].{md,json}.
+With ``--load-change``, floor.py's load change too (max_num_seqs 64: one request, then
+63 more after its first 32 tokens; greedy).
+Results: benchmarks/results/controller_cost[_small][_quick][_label].{md,json}.
 """
 
 from __future__ import annotations
@@ -42,17 +45,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from floor import DEFAULT, add_workload_args, workload_args, workload_prompts  # noqa: E402
-from spec_bench import KV_CACHE_BYTES, MAX_MODEL_LEN, RESULTS, environment  # noqa: E402
+from floor import (DEFAULT, LOAD_CHANGE, add_workload_args, workload_args,  # noqa: E402
+                   workload_prompts)
+from spec_bench import (KV_CACHE_BYTES, MAX_MODEL_LEN, PAIRS, RESULTS, Method,  # noqa: E402
+                        environment, generate_with_arrivals, on_pair)
 
-from vllm_specdiff.runtime import (EMBEDDED_TARGET, close_engine,  # noqa: E402
-                                   cpu_engine_defaults, prepare_process)
+from vllm_specdiff.runtime import close_engine, cpu_engine_defaults, prepare_process  # noqa: E402
 
 POLICIES = ["adaptive", "off", "gamma"]
-SPEC = DEFAULT.speculative_config  # floor.py's "specdiff defaults"
 
 
-def run_cell(batch: int, temperatures: list[float], prompts, args, log) -> list[dict]:
+def run_cell(method: Method, batch: int, temperatures: list[float], prompts, args, log,
+             arrive_after: int | None = None) -> list[dict]:
+    """``arrive_after``: floor.py's load change (the first request alone for that many
+    tokens, then the others), else all of ``prompts[:3 * batch]`` at once."""
     from vllm import LLM, SamplingParams, TokensPrompt
 
     from vllm_specdiff.adaptive import AdaptiveDraftLength
@@ -98,10 +104,11 @@ def run_cell(batch: int, temperatures: list[float], prompts, args, log) -> list[
     AdaptiveDraftLength.copying_pays = copying_pays
     AdaptiveDraftLength.observe = observe
     AdaptiveDraftLength.observe_copied = observe_copied
-    llm = LLM(model=str(EMBEDDED_TARGET), speculative_config=SPEC, max_num_seqs=batch,
+    llm = LLM(model=method.target, speculative_config=method.speculative_config, max_num_seqs=batch,
               max_model_len=MAX_MODEL_LEN, kv_cache_memory_bytes=KV_CACHE_BYTES,
               **{k: v for k, v in cpu_engine_defaults().items() if k != "gpu_memory_utilization"})
-    inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts[: 3 * batch]]
+    inputs = [TokensPrompt(prompt_token_ids=p)
+              for p in prompts[: batch if arrive_after is not None else 3 * batch]]
     cells = []
     try:
         for temperature in temperatures:
@@ -115,7 +122,10 @@ def run_cell(batch: int, temperatures: list[float], prompts, args, log) -> list[
                     chosen.clear()
                     spent.clear()
                     start = time.perf_counter()
-                    outs = llm.generate(inputs, params, use_tqdm=False)
+                    if arrive_after is None:
+                        outs = llm.generate(inputs, params, use_tqdm=False)
+                    else:
+                        outs = generate_with_arrivals(llm, inputs, params, arrive_after)
                     seconds = time.perf_counter() - start
                     rate = sum(len(o.outputs[0].token_ids) for o in outs) / seconds
                     if repeat:
@@ -123,10 +133,11 @@ def run_cell(batch: int, temperatures: list[float], prompts, args, log) -> list[
                         if name == "adaptive":
                             drafted.append(sum(n for k, n in chosen.items() if k) / sum(chosen.values()))
                             excess.append(excess_by_kind(spent))
-                    log(f"b={batch} t={temperature:g} {'warm-up' if not repeat else f'rep {repeat}'} "
+                    log(f"{'load change ' if arrive_after is not None else ''}"
+                        f"b={batch} t={temperature:g} {'warm-up' if not repeat else f'rep {repeat}'} "
                         f"{name}: {rate:.0f} tok/s")
             cells.append({
-                "batch": batch, "temperature": temperature,
+                "batch": batch, "temperature": temperature, "load_change": arrive_after is not None,
                 "tokens_per_s": dict(rates),
                 "ratio_to_off": {n: [r / o for r, o in zip(rates[n], rates["off"])] for n in POLICIES},
                 "adaptive_drafted_steps": drafted,
@@ -162,12 +173,14 @@ def cell(values: list[float]) -> str:
     return f"{'~' if lo < 1.0 < hi else ''}{med:.2f}x [{lo:.2f}-{hi:.2f}]"
 
 
-def report(cells, env, args, minutes) -> str:
+def report(cells, env, args, minutes, method: Method) -> str:
     lines = ["# The adaptive draft length against fixed policies, inside one engine", "",
              f"Command: `{env['command']}`  ", f"Commit: {env['commit']}  ",
              f"Date: {env['date']}; wall time {minutes:.0f} min  ",
              f"Machine: {env['cpu']}, {env['cores']} cores; vLLM {env['vllm']} (CPU), {env['dtype']}  ",
-             f"Engine: `{json.dumps(SPEC, sort_keys=True)}`; workload: max_num_seqs b, 3b prompts at once, {args.max_tokens} new tokens each; "
+             f"Pair: {args.pair} (target {Path(method.target).name}); engine: "
+             f"`{json.dumps(method.speculative_config, sort_keys=True)}`; workload: max_num_seqs b, "
+             f"3b prompts at once, {args.max_tokens} new tokens each; "
              f"one warm-up round per policy, then {args.repeats} interleaved repeats.", "",
              "Cells: median [min-max] of per-repeat tokens/s ratios to `off` (draft length 0 "
              "every step, i.e. plain decoding's cost) in the same repeat; `~` marks a range "
@@ -175,9 +188,13 @@ def report(cells, env, args, minutes) -> str:
              "`steps, excess`: the adaptive policy's measured steps of that kind per round and "
              "their time beyond what their tokens cost at plain decoding's rate, as a share of "
              "the round (medians over repeats).", ""]
-    for temperature in sorted({c["temperature"] for c in cells}):
-        row = [c for c in cells if c["temperature"] == temperature]
-        lines += [f"## {'Greedy' if temperature == 0 else f'Temperature {temperature:g}'}", "",
+    for load_change, temperature in sorted({(c["load_change"], c["temperature"]) for c in cells}):
+        row = [c for c in cells if (c["load_change"], c["temperature"]) == (load_change, temperature)]
+        title = "Greedy" if temperature == 0 else f"Temperature {temperature:g}"
+        if load_change:
+            title = (f"Load change, {title.lower()} (max_num_seqs b: 1 request, then b - 1 more "
+                     f"after its first {LOAD_CHANGE['first_tokens']} tokens)")
+        lines += [f"## {title}", "",
                   "| policy | " + " | ".join(f"b={c['batch']}" for c in row) + " |",
                   "|---|" + "---|" * len(row),
                   "| off (tokens/s) | " + " | ".join(
@@ -198,6 +215,9 @@ def report(cells, env, args, minutes) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_workload_args(ap)
+    ap.add_argument("--pair", choices=sorted(PAIRS), default="tiny")
+    ap.add_argument("--load-change", action="store_true",
+                    help=f"also floor.py's load change at b={LOAD_CHANGE['batch']}, greedy")
     args = workload_args(ap.parse_args())
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -205,6 +225,7 @@ def main() -> None:
     prepare_process(quiet=True)
     env = environment("controller_cost.py", sys.argv[1:])
     prompts = workload_prompts()
+    method = on_pair(DEFAULT, PAIRS[args.pair])  # floor.py's "specdiff defaults"
     started = time.time()
 
     def log(message):
@@ -212,14 +233,18 @@ def main() -> None:
 
     cells = []
     for batch in args.batches:
-        cells += run_cell(batch, args.temperatures, prompts, args, log)
-    stem = ("controller_cost_quick" if args.quick else "controller_cost") + (
-        f"_{args.label}" if args.label else "")
+        cells += run_cell(method, batch, args.temperatures, prompts, args, log)
+    if args.load_change:
+        cells += run_cell(method, LOAD_CHANGE["batch"], [0.0], prompts, args, log,
+                          arrive_after=LOAD_CHANGE["first_tokens"])
+    stem = ("controller_cost" + ("" if args.pair == "tiny" else f"_{args.pair}")
+            + ("_quick" if args.quick else "") + (f"_{args.label}" if args.label else ""))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    env.update(batches=args.batches, temperatures=args.temperatures, repeats=args.repeats,
-               max_tokens=args.max_tokens)
+    env.update(pair=args.pair, batches=args.batches, temperatures=args.temperatures,
+               repeats=args.repeats, max_tokens=args.max_tokens,
+               load_change=LOAD_CHANGE if args.load_change else None)
     (RESULTS / f"{stem}.json").write_text(json.dumps({**env, "cells": cells}, indent=1) + "\n")
-    (RESULTS / f"{stem}.md").write_text(report(cells, env, args, (time.time() - started) / 60))
+    (RESULTS / f"{stem}.md").write_text(report(cells, env, args, (time.time() - started) / 60, method))
     log(f"wrote {RESULTS / stem}.md")
 
 
