@@ -67,7 +67,8 @@ def run_cell(method: Method, batch: int, temperatures: list[float], prompts, arg
 
     policy = ["adaptive"]
     chosen: collections.Counter = collections.Counter()
-    # (kind, bucket) -> [steps, seconds, tokens] of the adaptive policy's measured steps
+    # (kind, bucket, draft length) -> [steps, seconds, tokens] of the adaptive policy's
+    # measured steps
     spent: dict = collections.defaultdict(lambda: [0, 0.0, 0])
     shipped = AdaptiveDraftLength.next_draft_len
     shipped_copying = AdaptiveDraftLength.copying_pays
@@ -87,7 +88,7 @@ def run_cell(method: Method, batch: int, temperatures: list[float], prompts, arg
     def account(kind, step):
         if policy[0] == "adaptive" and step.seconds > 0 and step.batch > 0:
             entry = spent[kind if kind == "copied" else "mdlm" if step.draft_len else "plain",
-                          bucket_of(step.batch)]
+                          bucket_of(step.batch), step.draft_len]
             entry[0] += 1
             entry[1] += step.seconds
             entry[2] += step.tokens
@@ -156,15 +157,17 @@ def excess_by_kind(spent: dict) -> dict[str, dict]:
     kind's tokens priced at the plain steps' tokens/s of their bucket (a bucket without
     plain steps is left out of the excess)."""
     total = sum(seconds for _, seconds, _ in spent.values())
-    plain_rate = {bucket: tokens / seconds for (kind, bucket), (_, seconds, tokens) in spent.items()
-                  if kind == "plain" and seconds > 0}
+    plain_rate = {bucket: tokens / seconds for (kind, bucket, _), (_, seconds, tokens)
+                  in spent.items() if kind == "plain" and seconds > 0}
     out = {}
     for kind in ("plain", "mdlm", "copied"):
-        entries = [(b, e) for (k, b), e in spent.items() if k == kind]
+        entries = [(b, e) for (k, b, _), e in spent.items() if k == kind]
         out[kind] = {
             "steps": sum(e[0] for _, e in entries),
             "excess": sum(e[1] - e[2] / plain_rate[b] for b, e in entries if b in plain_rate)
             / total if total else 0.0}
+    # Every entry, for the JSON: kind, bucket, draft length, steps, seconds, tokens.
+    out["entries"] = [[*key, *entry] for key, entry in sorted(spent.items())]
     return out
 
 
