@@ -282,9 +282,62 @@ def test_while_drafting_is_off_one_step_is_re_measured_with_doubling_waits():
     probes = [i for i in drafted if i > 10]
     gaps = [b - a for a, b in zip(probes, probes[1:])]
     assert probes[0] == 3 + 1 + 64, drafted  # plain decoding, gamma, then 64 steps off
-    assert gaps == [128, 256, 512, 512, 512], gaps
+    # After that first re-probe (of 1 token: the best prediction) the wait is its price:
+    # a 1-token step costs 3.7 plain ones for ~1.9 tokens, ~1.8 plain steps lost, which
+    # is 1% of ~180 steps; then the doubling waits are longer.
+    assert 170 <= gaps[0] <= 190 and gaps[1:] == [256, 512, 512], gaps
     probing = sum(engine.cost(64, choices[i]) - engine.cost(64, 0) for i in probes)
     assert probing < 0.01 * len(choices) * engine.cost(64, 0)  # under 1% of the run
+
+
+def test_a_re_probe_that_loses_much_waits_until_it_costs_one_step_in_a_hundred():
+    """At batch 1 a re-probe runs MIN_EVIDENCE (8) drafted steps; where each loses a
+    plain step or more (the tiny pair at temperature 1), the doubling waits alone let
+    the probes cost ~2% of a run. After the first re-probe confirms the loss, each
+    re-probe waits until what it loses (from its own last measurement) is at most 1%
+    of the steps since the one before; never longer than reprobe_max. (A drafter that
+    loses little keeps the doubling waits: previous test.)"""
+    acceptance = [0.3, 0.3]  # a drafted step: 1.7-2.4 plain ones for 1.3-1.4 tokens
+
+    def run(reprobe_max):
+        engine = ScriptedEngine(acceptance, draft=2e-3)
+        a = AdaptiveDraftLength(2, reprobe_after=64, reprobe_max=reprobe_max)
+        choices = [engine.step(a, 1) for _ in range(12000)]
+        starts = [i for i, k in enumerate(choices) if k and not choices[i - 1] and i > 20]
+        return engine, choices, starts
+
+    engine, choices, starts = run(reprobe_max=4096)
+    assert starts[0] == 3 + 8 + 64, starts  # plain decoding, gamma on 8 rows, 64 steps off
+    assert starts[1] - starts[0] > 128  # doubling alone: 128, 256, 512, ...
+    for before, start in zip(starts, starts[1:]):
+        end = choices.index(0, start)
+        lost = sum(engine.cost(1, k) / engine.cost(1, 0) - 1 - sum(
+            math.prod(acceptance[:j + 1]) for j in range(k)) for k in choices[start:end])
+        assert 0 < lost < 0.011 * (start - before), (start - before, lost)
+    _, _, starts = run(reprobe_max=512)
+    assert max(b - a for a, b in zip(starts, starts[1:])) <= 512, starts
+
+
+def test_a_costly_catch_up_step_makes_re_probes_wait_for_it():
+    """The small pair under load (63 new requests): the first step after drafting was
+    off re-encodes every request's context in the drafter cache, ~20 plain steps; a
+    re-probe every 64-512 steps then cost ~20% of a 128-token run. Once a catch-up has
+    been measured, a re-probe waits until it is 1% of the steps between (capped at
+    reprobe_max)."""
+    engine = ScriptedEngine(GOOD_DRAFTER, draft=3e-4)  # drafting never pays at batch 64
+    a = AdaptiveDraftLength(8, reprobe_after=64, reprobe_max=1024, catch_up=True)
+    choices, previous = [], 0
+    for _ in range(5000):
+        k = a.next_draft_len(64)
+        catch_up = 20 * engine.cost(64, 0) if k and not previous and len(choices) > 10 else 0.0
+        a.observe(StepOutcome(64, k, 64 if not k else 64 + 64 * k // 2,
+                              engine.cost(64, k) + catch_up, accepted=(k // 2,) * 64 if k else ()))
+        choices.append(k)
+        previous = k
+    starts = [i for i, k in enumerate(choices) if k and not choices[i - 1] and i > 10]
+    assert starts[0] == 3 + 1 + 64, starts  # the first wait: reprobe_after
+    assert all(b - a >= 1024 for a, b in zip(starts, starts[1:])), starts
+    assert a.buckets[bucket_of(64)].catch_up_seconds > 0
 
 
 def test_a_drafter_with_a_cache_is_re_measured_after_a_catch_up_step():

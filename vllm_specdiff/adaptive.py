@@ -32,10 +32,12 @@ While drafting is off, the most promising draft length (or gamma, when its cost 
 the older measurement: every length between is interpolated from it) is re-measured
 over steps that draft ``MIN_EVIDENCE`` rows (one more with ``catch_up``, not
 measured: see ``_reprobe``) after ``reprobe_after`` steps, and the wait doubles (up to
-``reprobe_max``) each time drafting stays off: a cost measured under other traffic
-cannot keep drafting off for good, and under a load where drafting never pays the
-probes cost a few steps in a thousand. (Under load a drafted step costs several plain
-ones, so every exploratory step shows in a 128-token run.)
+``reprobe_max``) each time drafting stays off, and is never shorter than what makes the
+last re-probe's measured loss ``PROBE_SHARE`` of the steps between (``_reprobe_price``):
+a cost measured under other traffic cannot keep drafting off for good, and under a
+load where drafting never pays the probes cost about one step in a hundred. (Under
+load a drafted step costs several plain ones, so every exploratory step shows in a
+128-token run.)
 
 One input, one output: ``observe(StepOutcome)`` after each decode step, and
 ``next_draft_len(batch)`` before drafting the next one. Prompt lookup (requests that
@@ -88,7 +90,7 @@ ACCEPTANCE_DECAY = 0.95  # per step: the acceptance model follows the last ~20 s
 ROW_DECAY = 1 - 1 / 64  # ... and, while drafting, at least the last ~64 drafted rows
 MIN_EVIDENCE = 8  # drafted rows seen at position 0 before acceptance is predicted from
 PRIOR_ROWS = 4  # pseudo-rows pulling a deep position's acceptance towards the one before
-PROBE_SHARE = 0.01  # of the steps since gamma was measured, at most what re-measuring it costs
+PROBE_SHARE = 0.01  # of the steps between re-measurements, at most what one costs (gamma, re-probes)
 MEASURED_ROWS = 32  # rows an arm's recent steps must cover before their tokens cap its prediction
 
 
@@ -137,9 +139,11 @@ class Bucket:
     steps: int = 0
     reprobe_at: int | None = None  # step at which drafting-off re-measures a draft length
     reprobe_wait: int = 0
+    reprobed: bool = False  # a re-probe ran since drafting last paid in this bucket
     copy_at: int | None = None  # step at which copying, unseen or losing, is tried again
     copy_wait: int = 0
     catching_up: int | None = None  # a re-probed draft length whose first step is not measured
+    catch_up_seconds: float = 0.0  # what that first step cost, the latest time
     probing: int = 0  # the draft length a re-probe measures ...
     probe_steps: int = 0  # ... for this many more steps
     gamma_wait: int = 0  # steps gamma's cost may age while shorter lengths run (0: reprobe_after)
@@ -199,7 +203,10 @@ class AdaptiveDraftLength:
             self._age_acceptance()
         bucket = self._bucket(step.batch)
         if bucket.catching_up == step.draft_len:
-            return  # see _reprobe: next_draft_len runs this length once more
+            # See _reprobe: next_draft_len runs this length once more. What this step
+            # cost is the price of the next re-probe's catch-up (_reprobe_price).
+            bucket.catch_up_seconds = step.seconds
+            return
         arm = bucket.arms.setdefault(step.draft_len, Arm())
         arm.last_step = bucket.steps
         arm.record(step)
@@ -354,7 +361,7 @@ class AdaptiveDraftLength:
                 self.reprobing = choice > 0
             else:
                 choice = max(paying, key=rates.get)
-                bucket.reprobe_at = None
+                bucket.reprobe_at, bucket.reprobed = None, False
                 if choice == self.gamma:
                     bucket.gamma_wait = 0
                 if bucket.steps % self.probe_every == 0:
@@ -444,14 +451,47 @@ class AdaptiveDraftLength:
             return 0
         if bucket.steps < bucket.reprobe_at:
             return 0
+        if bucket.steps < (bucket.reprobe_at - bucket.reprobe_wait
+                           + self._reprobe_price(bucket, candidate, batch)):
+            return 0
         bucket.reprobe_wait = min(2 * bucket.reprobe_wait, self.reprobe_max)
-        bucket.reprobe_at = bucket.steps + bucket.reprobe_wait
+        bucket.reprobe_at, bucket.reprobed = bucket.steps + bucket.reprobe_wait, True
         if candidate in bucket.arms:
             bucket.arms[candidate].stale = True
         if self.catch_up:
             bucket.catching_up = candidate
         bucket.probing, bucket.probe_steps = candidate, -(-MIN_EVIDENCE // batch) - 1
         return candidate
+
+    def _reprobe_price(self, bucket: Bucket, candidate: int, batch: int) -> int:
+        """Steps off that a re-probe of ``candidate`` must wait so that what it loses
+        is at most ``PROBE_SHARE`` of them (at most ``reprobe_max``). What it loses, in
+        plain steps: its catch-up step beyond a plain one (``catch_up``: the drafter
+        cache re-encodes what it missed while drafting was off; the latest one
+        measured in this bucket), and, after a re-probe that kept drafting off, each
+        measured probe step's time beyond what its tokens would cost plain, from the
+        candidate's own measurement once it covers ``MIN_EVIDENCE`` rows. The first
+        wait after drafting goes off leaves that second part out, so that one
+        measurement of the drafter (perhaps on unlucky rows) is confirmed before it
+        can hold drafting off for long; the catch-up is the machine's cost.
+
+        Both were measured: on the small pair under load (63 requests at once) a
+        catch-up step re-encoded every request's context and cost ~1.5 s, 20 plain
+        steps, and re-probes after the doubling waits alone cost ~20% of a 128-token
+        run (controller_cost_small_load_change); on the tiny pair at temperature 1 a
+        probe step at batch 1 costs ~2.4 plain ones for 1.4 tokens, and its probes cost
+        ~2% of a run (controller_cost_t1_excess)."""
+        plain = bucket.arms.get(0)
+        if plain is None or not plain.seconds:
+            return 0
+        loss = 0.0
+        if self.catch_up and bucket.catch_up_seconds:
+            loss += bucket.catch_up_seconds / plain.seconds - 1
+        arm = bucket.arms.get(candidate)
+        if bucket.reprobed and arm is not None and arm.rows_seen >= MIN_EVIDENCE:
+            per_step = arm.seconds / plain.seconds - arm.tokens_per_row / plain.tokens_per_row
+            loss += max(0.0, per_step) * -(-MIN_EVIDENCE // batch)
+        return min(round(max(0.0, loss) / PROBE_SHARE), self.reprobe_max)
 
     def _log(self, bucket: int, choice: int, batch: int) -> None:
         now = time.monotonic()
