@@ -110,18 +110,29 @@ def run_cell(method: Method, batch: int, temperatures: list[float], prompts, arg
               **{k: v for k, v in cpu_engine_defaults().items() if k != "gpu_memory_utilization"})
     inputs = [TokensPrompt(prompt_token_ids=p)
               for p in prompts[: batch if arrive_after is not None else 3 * batch]]
+    # Requests the scheduler preempts (KV cache full: a drafted step needs a slot per
+    # draft token) are prefilled again, in steps the controller does not measure.
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    preempt, preempted = scheduler._preempt_request, [0]
+
+    def counted_preempt(*a, **kw):
+        preempted[0] += 1
+        return preempt(*a, **kw)
+
+    scheduler._preempt_request = counted_preempt
     cells = []
     try:
         for temperature in temperatures:
             params = SamplingParams(temperature=temperature, max_tokens=args.max_tokens,
                                     ignore_eos=True)
-            rates = collections.defaultdict(list)
+            rates, preemptions = collections.defaultdict(list), collections.defaultdict(list)
             drafted, excess = [], []
             for repeat in range(args.repeats + 1):
                 for name in POLICIES:
                     policy[0] = name
                     chosen.clear()
                     spent.clear()
+                    preempted[0] = 0
                     start = time.perf_counter()
                     if arrive_after is None:
                         outs = llm.generate(inputs, params, use_tqdm=False)
@@ -131,6 +142,7 @@ def run_cell(method: Method, batch: int, temperatures: list[float], prompts, arg
                     rate = sum(len(o.outputs[0].token_ids) for o in outs) / seconds
                     if repeat:
                         rates[name].append(rate)
+                        preemptions[name].append(preempted[0])
                         if name == "adaptive":
                             drafted.append(sum(n for k, n in chosen.items() if k) / sum(chosen.values()))
                             excess.append(excess_by_kind(spent))
@@ -141,6 +153,7 @@ def run_cell(method: Method, batch: int, temperatures: list[float], prompts, arg
                 "batch": batch, "temperature": temperature, "load_change": arrive_after is not None,
                 "tokens_per_s": dict(rates),
                 "ratio_to_off": {n: [r / o for r, o in zip(rates[n], rates["off"])] for n in POLICIES},
+                "preemptions": dict(preemptions),
                 "adaptive_drafted_steps": drafted,
                 "adaptive_excess": excess})
     finally:
@@ -204,6 +217,9 @@ def report(cells, env, args, minutes, method: Method) -> str:
                       f"{statistics.median(c['tokens_per_s']['off']):.0f}" for c in row) + " |"]
         for name in ("adaptive", "gamma"):
             lines.append(f"| {name} | " + " | ".join(cell(c["ratio_to_off"][name]) for c in row) + " |")
+        lines.append("| preempted requests per round | " + " | ".join(
+            ", ".join(f"{n} {statistics.median(c['preemptions'][n]):.0f}" for n in POLICIES)
+            for c in row) + " |")
         lines.append("| adaptive: drafted | " + " | ".join(
             f"{100 * statistics.median(c['adaptive_drafted_steps']):.0f}%" for c in row) + " |")
         for kind in ("mdlm", "copied"):
