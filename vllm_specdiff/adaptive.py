@@ -32,12 +32,12 @@ While drafting is off, the most promising draft length (or gamma, when its cost 
 the older measurement: every length between is interpolated from it) is re-measured
 over steps that draft ``MIN_EVIDENCE`` rows (one more with ``catch_up``, not
 measured: see ``_reprobe``) after ``reprobe_after`` steps, and the wait doubles (up to
-``reprobe_max``) each time drafting stays off, and is never shorter than what makes the
-last re-probe's measured loss ``PROBE_SHARE`` of the steps between (``_reprobe_price``):
-a cost measured under other traffic cannot keep drafting off for good, and under a
-load where drafting never pays the probes cost about one step in a hundred. (Under
-load a drafted step costs several plain ones, so every exploratory step shows in a
-128-token run.)
+``reprobe_max``) each time drafting stays off, and is never shorter than what makes a
+re-probe's measured loss (its catch-up step, and the drafted steps of the last one)
+``PROBE_SHARE`` of the steps between (``_reprobe_price``): a cost measured under other
+traffic cannot keep drafting off for good, and under a load where drafting never pays
+the probes cost about one step in a hundred. (Under load a drafted step costs several
+plain ones, so every exploratory step shows in a 128-token run.)
 
 One input, one output: ``observe(StepOutcome)`` after each decode step, and
 ``next_draft_len(batch)`` before drafting the next one. Prompt lookup (requests that
@@ -475,12 +475,12 @@ class AdaptiveDraftLength:
         measurement of the drafter (perhaps on unlucky rows) is confirmed before it
         can hold drafting off for long; the catch-up is the machine's cost.
 
-        Both were measured: on the small pair under load (63 requests at once) a
-        catch-up step re-encoded every request's context and cost ~1.5 s, 20 plain
-        steps, and re-probes after the doubling waits alone cost ~20% of a 128-token
-        run (controller_cost_small_load_change); on the tiny pair at temperature 1 a
-        probe step at batch 1 costs ~2.4 plain ones for 1.4 tokens, and its probes cost
-        ~2% of a run (controller_cost_t1_excess)."""
+        Both were measured (benchmarks/controller_cost.py): on the small pair under
+        load (63 requests at once) a re-probe's catch-up re-encodes every request's
+        context, and its two steps cost ~3 s, 40 plain ones: re-probes after the
+        doubling waits cost 19-21% of the 128-token runs they fell in
+        (controller_cost_small_load_change); on the tiny pair at temperature 1 a
+        batch-1 probe step costs 1.5-2.5 plain ones for ~1.4 tokens, ~2% of a run."""
         plain = bucket.arms.get(0)
         if plain is None or not plain.seconds:
             return 0
