@@ -20,7 +20,10 @@ measures is put under its kind (plain: nothing drafted; mdlm: the MDLM drafted; 
 only prompt lookup drafted) and batch bucket, and a kind's ``excess`` is its time minus
 what its tokens would have cost at the plain steps' tokens/s of the same bucket and
 round, as a share of the round's measured time (negative: the kind gained). Steps the
-controller does not measure (the step after a prefill, warm-up-only steps) are not in it.
+controller does not see (the step after a prefill, warm-up-only steps) are not in it; a
+re-probe's catch-up step, which it sees but does not measure, is. The controller also
+sees the steps of the ``off`` and ``gamma`` rounds (one engine, one controller), so it
+knows a little more than a server that always ran it would.
 
 Workload (floor.py's): ``max_num_seqs = b``, 3b prompts at once (Spec-Bench and held-out
 TinyStories, round-robin, last 256 prompt tokens), 128 new tokens each; one untimed
@@ -61,9 +64,7 @@ def run_cell(method: Method, batch: int, temperatures: list[float], prompts, arg
     tokens, then the others), else all of ``prompts[:3 * batch]`` at once."""
     from vllm import LLM, SamplingParams, TokensPrompt
 
-    from vllm_specdiff.adaptive import AdaptiveDraftLength
-
-    from vllm_specdiff.adaptive import bucket_of
+    from vllm_specdiff.adaptive import AdaptiveDraftLength, bucket_of
 
     policy = ["adaptive"]
     chosen: collections.Counter = collections.Counter()
