@@ -320,10 +320,11 @@ def test_a_re_probe_that_loses_much_waits_until_it_costs_one_step_in_a_hundred()
 
 def test_a_costly_catch_up_step_makes_re_probes_wait_for_it():
     """The small pair under load (63 new requests): the first step after drafting was
-    off re-encodes every request's context in the drafter cache, ~20 plain steps; a
-    re-probe every 64-512 steps then cost ~20% of a 128-token run. Once a catch-up has
-    been measured, a re-probe waits until it is 1% of the steps between (capped at
-    reprobe_max)."""
+    off re-encodes every request's context in the drafter cache; a re-probe's two
+    steps cost ~40 plain ones, and after the doubling waits alone re-probes cost ~20%
+    of the 128-token runs they fell in (controller_cost_small_load_change.md). Once a
+    catch-up has been measured (here 20 plain steps), a re-probe waits until it is 1%
+    of the steps between (capped at reprobe_max)."""
     engine = ScriptedEngine(GOOD_DRAFTER, draft=3e-4)  # drafting never pays at batch 64
     a = AdaptiveDraftLength(8, reprobe_after=64, reprobe_max=1024, catch_up=True)
     choices, previous = [], 0
