@@ -88,14 +88,13 @@ def run_cell(method: Method, batch: int, temperatures: list[float], prompts, arg
 
     def account(kind, step):
         if policy[0] == "adaptive" and step.seconds > 0 and step.batch > 0:
-            entry = spent[kind if kind == "copied" else "mdlm" if step.draft_len else "plain",
-                          bucket_of(step.batch), step.draft_len]
+            entry = spent[kind, bucket_of(step.batch), step.draft_len]
             entry[0] += 1
             entry[1] += step.seconds
             entry[2] += step.tokens
 
     def observe(self, step):
-        account("observe", step)
+        account("mdlm" if step.draft_len else "plain", step)
         shipped_observe(self, step)
 
     def observe_copied(self, step):

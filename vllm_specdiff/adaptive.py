@@ -94,6 +94,12 @@ PROBE_SHARE = 0.01  # of the steps between re-measurements, at most what one cos
 MEASURED_ROWS = 32  # rows an arm's recent steps must cover before their tokens cap its prediction
 
 
+def reprobe_steps(batch: int) -> int:
+    """Measured steps of a re-probe at this batch size: enough to draft
+    ``MIN_EVIDENCE`` rows."""
+    return -(-MIN_EVIDENCE // batch)
+
+
 @dataclass
 class Arm:
     """The recent step costs of one draft length in one bucket. A median, not a mean:
@@ -460,7 +466,7 @@ class AdaptiveDraftLength:
             bucket.arms[candidate].stale = True
         if self.catch_up:
             bucket.catching_up = candidate
-        bucket.probing, bucket.probe_steps = candidate, -(-MIN_EVIDENCE // batch) - 1
+        bucket.probing, bucket.probe_steps = candidate, reprobe_steps(batch) - 1
         return candidate
 
     def _reprobe_price(self, bucket: Bucket, candidate: int, batch: int) -> int:
@@ -490,7 +496,7 @@ class AdaptiveDraftLength:
         arm = bucket.arms.get(candidate)
         if bucket.reprobed and arm is not None and arm.rows_seen >= MIN_EVIDENCE:
             per_step = arm.seconds / plain.seconds - arm.tokens_per_row / plain.tokens_per_row
-            loss += max(0.0, per_step) * -(-MIN_EVIDENCE // batch)
+            loss += max(0.0, per_step) * reprobe_steps(batch)
         return min(round(max(0.0, loss) / PROBE_SHARE), self.reprobe_max)
 
     def _log(self, bucket: int, choice: int, batch: int) -> None:
