@@ -11,7 +11,8 @@ Protocol (what each number means):
   scheduler ran per decode step (read from vLLM's scheduler output), beside b.
 - **Repeated and interleaved.** Every engine lives in its own process, at most
   ``--max-engines`` at once (memory), plain decoding in every group; after one untimed
-  warm-up round the methods run in turn, A B C A B C ..., ``--repeats`` times, each run
+  warm-up round the methods run in turn, the order rotated each round (A B C, B C A,
+  C A B, ...), ``--repeats`` times, each run
   timing one ``LLM.generate`` of all the cell's prompts. Cells show the median and
   [min-max] of the repeats; speedups are medians of the per-repeat ratios against the
   plain run of the same round. The spread of plain decoding across repeats is the noise; a
@@ -316,12 +317,14 @@ def median_range(values: list[float]) -> tuple[float, float, float]:
 def run_rounds(engines: Engines, methods, prompts, max_tokens, temperature, repeats, log,
                label: str, arrive_after: int | None = None) -> dict[str, list[dict]]:
     """One untimed warm-up round, then `repeats` rounds, each running every method once
-    in turn (A B C A B C ...)."""
+    in turn, the order rotated each round (A B C, B C A, C A B, ...) so that no method
+    always runs first, or always right after the same one."""
     for m in methods:
         engines.run(m, prompts, max_tokens, temperature, arrive_after)
     runs = collections.defaultdict(list)
     for rep in range(repeats):
-        for m in methods:
+        shift = rep % len(methods)
+        for m in methods[shift:] + methods[:shift]:
             r = engines.run(m, prompts, max_tokens, temperature, arrive_after)
             runs[m.name].append(r)
             log(f"  {label} rep {rep + 1}/{repeats} {m.name}: {r['tokens'] / r['seconds']:.0f} tok/s, "

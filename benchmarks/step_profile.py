@@ -4,6 +4,7 @@ inside vLLM's real code paths.
     python benchmarks/step_profile.py            # batch 1, 8, 32 (about 10 minutes on 2 CPU cores)
     python benchmarks/step_profile.py --quick    # batch 1 and 8, fewer tokens
     python benchmarks/step_profile.py --pair small --batches 1 32   # models/small-*
+    python benchmarks/step_profile.py --pair small --batches 32 --workload floor --only none "length 0"
 
 Every timer is a ``time.perf_counter`` wrapper around a method vLLM or this plugin
 really runs (the engine is in-process, so the model runner is reachable): the engine
@@ -16,11 +17,15 @@ the second of two identical generations (the first warms up).
 
 Per cell: ``b`` prompts (held-out TinyStories openings) submitted together to an
 engine with ``max_num_seqs = b``, 128 new tokens each, greedy unless ``--temperature``.
+``--workload floor`` runs floor.py's cells instead: 3b Spec-Bench and TinyStories
+prompts (up to 256 tokens) into an engine with ``max_num_seqs = b``, so requests are
+admitted while others decode; the steps that schedule prompt tokens get their own
+table (each part's total over the run), since that is where such a run can differ.
 "Other" is the step's time outside every timed part (Python glue between them).
 ``--pair small``: the small pair's target with ``ngram``, ``specdiff`` at gamma 4 and 8
 (T 1, fixed), its defaults and its defaults with drafting switched off (the floor), and
 vLLM's ``draft_model`` with the small AR drafter.
-Results: benchmarks/results/step_profile[_<pair>][_quick].{md,json}.
+Results: benchmarks/results/step_profile[_<pair>][_quick][_t<T>][_floor][_<label>].{md,json}.
 """
 
 from __future__ import annotations
@@ -140,6 +145,12 @@ def _pure_decode(out) -> bool:
 
 
 FLOOR = "specdiff, draft length 0"
+WORKLOADS = {
+    "stories": "b held-out TinyStories openings (32 tokens) submitted together, one engine "
+               "with max_num_seqs = the largest b",
+    "floor": "floor.py's cell: 3b Spec-Bench and TinyStories prompts (up to 256 tokens) "
+             "submitted together, max_num_seqs = b",
+}
 
 
 def defaults(d, config: dict) -> dict[str, dict]:
@@ -171,7 +182,7 @@ def methods(quick: bool, pair: str) -> dict[str, dict | None]:
 
 
 def profile(name, spec_config, target, batches, max_tokens, temperature, timers, prompts,
-            log) -> list[dict]:
+            log, max_num_seqs: int, prompts_per_cell: int = 1) -> list[dict]:
     from vllm import LLM, SamplingParams, TokensPrompt
 
     from spec_bench import switch_drafting_off
@@ -179,11 +190,11 @@ def profile(name, spec_config, target, batches, max_tokens, temperature, timers,
     cells = []
     switch_back = switch_drafting_off() if name == FLOOR else None
     llm = LLM(model=str(target), speculative_config=spec_config,
-              max_num_seqs=max(batches), max_model_len=512, **cpu_engine_defaults())
+              max_num_seqs=max_num_seqs, max_model_len=512, **cpu_engine_defaults())
     try:
         params = SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True)
         for b in batches:
-            inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts[:b]]
+            inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts[:prompts_per_cell * b]]
             for _ in range(2):  # the second run is kept
                 timers.steps = []
                 start = time.perf_counter()
@@ -194,6 +205,9 @@ def profile(name, spec_config, target, batches, max_tokens, temperature, timers,
                            for s in timers.steps)
             other_steps_s = engine_s - sum(s["step"] + s.get("post_step (draft hand-over)", 0.0)
                                            for s in decode)
+            others = [s for s in timers.steps if not (s.get("_decode_only") and s["_requests"] == b)]
+            other_parts = {label: sum(s.get(label, 0.0) for s in others) * 1e3
+                           for label, _, _ in TIMERS}
             tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
             parts = {label: statistics.median(s.get(label, 0.0) for s in decode) * 1e3
                      for label, _, _ in TIMERS}
@@ -204,7 +218,8 @@ def profile(name, spec_config, target, batches, max_tokens, temperature, timers,
             cells.append({"method": name, "batch": b, "tokens_per_s": tokens / seconds,
                           "decode_steps": len(decode), "scheduled_tokens_per_request":
                           mean_tokens_per_step, "ms": parts, "run_s": seconds,
-                          "other_steps_s": other_steps_s, "other_steps": len(timers.steps) - len(decode),
+                          "other_steps_s": other_steps_s, "other_steps": len(others),
+                          "other_steps_ms": other_parts,
                           "outside_engine_s": seconds - engine_s, "threads": dict(timers.threads)})
             log(f"{name} b={b}: {tokens / seconds:.0f} tok/s, step {parts['step']:.2f} ms "
                 f"(forward {parts['target forward']:.2f}, drafting {parts['drafting']:.2f}, "
@@ -223,8 +238,8 @@ def report(cells, env) -> str:
              f"Command: `{env['command']}`  ", f"Commit: {env['commit']}  ", f"Date: {env['date']}  ",
              f"Machine: {env['cpu']}, {env['cores']} cores, torch threads {env['torch_threads']}, "
              f"Intel OpenMP preloaded: {env['omp_preload']}; vLLM {env['vllm']} (CPU), {env['dtype']}  ",
-             f"Workload: target {env.get('target', 'tiny-target')}; b held-out TinyStories openings (32 tokens) submitted together, "
-             f"max_num_seqs = {max(env['batches'])}, {env['max_tokens']} new tokens each, "
+             f"Workload: target {env.get('target', 'tiny-target')}; {WORKLOADS[env.get('workload', 'stories')]}, "
+             f"{env['max_tokens']} new tokens each, "
              f"temperature {env['temperature']}; the second of two identical runs.", "",
              "Rows indented under a part are inside it; `rest of X` is X's time outside its timed parts. `tokens/step` is the tokens the target",
              "scores per request per step (1 for plain decoding, 1 + draft length otherwise).", ""]
@@ -246,6 +261,20 @@ def report(cells, env) -> str:
             lines.append(f"| {shown} | " + " | ".join(
                 f"{row[n]['ms'][label]:.2f}" if n in row else "-" for n in names) + " |")
         lines.append("")
+        if env.get("workload") != "floor":
+            continue
+        lines += [f"### batch {b}: the other steps (prompt tokens scheduled, or fewer than {b} "
+                  "requests), each part's total over the run in ms", "",
+                  "| part | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+        lines.append("| steps | " + " | ".join(
+            f"{row[n]['other_steps']}" if n in row else "-" for n in names) + " |")
+        for label in [t[0] for t in TIMERS]:
+            if not any(row[n]["other_steps_ms"][label] for n in row):
+                continue
+            shown = "&nbsp;" * 4 * max(0, depth(label) - 1) + label
+            lines.append(f"| {shown} | " + " | ".join(
+                f"{row[n]['other_steps_ms'][label]:.0f}" if n in row else "-" for n in names) + " |")
+        lines.append("")
     threads = {k: v for c in cells for k, v in c["threads"].items()}
     lines += [f"Threads: {json.dumps(threads)} (torch intra-op threads seen by the drafter's "
               "forward inside the vLLM worker).", ""]
@@ -257,7 +286,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--max-tokens", type=int, default=None)
-    ap.add_argument("--only", default=None, help="run only the methods whose name contains this")
+    ap.add_argument("--only", nargs="+", default=None,
+                    help="run only the methods whose name contains one of these")
+    ap.add_argument("--workload", choices=sorted(WORKLOADS), default="stories")
     ap.add_argument("--pair", choices=["tiny", "small"], default="tiny")
     ap.add_argument("--batches", type=int, nargs="+", default=None)
     ap.add_argument("--label", default=None,
@@ -273,20 +304,29 @@ def main() -> int:
     max_tokens = args.max_tokens or (64 if args.quick else 128)
     target = PAIRS[args.pair].target
     tok = AutoTokenizer.from_pretrained(str(target))
-    prompts = held_out_prompts(tok, HELD_OUT_TEXT, n=max(batches), prompt_tokens=32)
+    if args.workload == "floor":
+        from floor import workload_prompts
+        prompts = workload_prompts()
+    else:
+        prompts = held_out_prompts(tok, HELD_OUT_TEXT, n=max(batches), prompt_tokens=32)
     timers = StepTimers()
     timers.install()
     env = environment("step_profile.py", sys.argv[1:])
     env.update(batches=batches, max_tokens=max_tokens, temperature=args.temperature,
-               target=target.name)
+               target=target.name, workload=args.workload)
+    # stories: one engine serves every batch; floor: an engine per batch, as floor.py runs
+    engine_batches = [[b] for b in batches] if args.workload == "floor" else [batches]
     cells = []
     for name, spec in methods(args.quick, args.pair).items():
-        if args.only and args.only not in name:
+        if args.only and not any(part in name for part in args.only):
             continue
-        cells += profile(name, spec, target, batches, max_tokens, args.temperature, timers,
-                         prompts, lambda m: print(m, flush=True))
+        for bs in engine_batches:
+            cells += profile(name, spec, target, bs, max_tokens, args.temperature, timers,
+                             prompts, lambda m: print(m, flush=True), max_num_seqs=max(bs),
+                             prompts_per_cell=3 if args.workload == "floor" else 1)
     stem = "step_profile" + ("" if args.pair == "tiny" else f"_{args.pair}") + ("_quick" if args.quick else "") + (
-        f"_t{args.temperature:g}" if args.temperature else "") + (f"_{args.label}" if args.label else "")
+        f"_t{args.temperature:g}" if args.temperature else "") + (
+        "_floor" if args.workload == "floor" else "") + (f"_{args.label}" if args.label else "")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps({**env, "cells": cells}, indent=1) + "\n")
     (RESULTS / f"{stem}.md").write_text(report(cells, env))
