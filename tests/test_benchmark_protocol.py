@@ -1,8 +1,9 @@
 """The benchmarks' round protocol: no method may always run in the same place in a round.
 
 On this VM a run's speed depended on its place in the round (floor.py's small pair at
-batch 32, greedy, 5 rounds at 19716cb: first ~553, second ~527, third ~505 tokens/s on average over the
-three engines), so a fixed A B C order charged the last-listed methods for it.
+batch 32, greedy, 5 rounds at 19716cb: first ~553, second ~527, third ~505 tokens/s on
+average over the three engines), so a fixed A B C order charged the last-listed methods
+for it.
 """
 
 from __future__ import annotations
