@@ -43,6 +43,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -461,7 +462,7 @@ def environment(script: str, argv: list[str]) -> dict:
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
                             ":(exclude)benchmarks/results"], cwd=ROOT,
                            capture_output=True, text=True).stdout.strip()
-    return {"command": f"python benchmarks/{script} " + " ".join(argv),
+    return {"command": shlex.join(["python", f"benchmarks/{script}", *argv]),
             "commit": commit + (" (with uncommitted changes)" if dirty else ""),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu,
             "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
