@@ -27,7 +27,8 @@ knows a little more than a server that always ran it would.
 
 Workload (floor.py's): ``max_num_seqs = b``, 3b prompts at once (Spec-Bench and held-out
 TinyStories, round-robin, last 256 prompt tokens), 128 new tokens each; one untimed
-round of each policy, then ``--repeats`` rounds of each. Cells: median [min-max] of the
+round of each policy, then ``--repeats`` rounds of each, the policies' order rotated
+each round (from stop 34). Cells: median [min-max] of the
 per-repeat ratios to ``off`` in the same repeat, and how often ``adaptive`` drafted.
 With ``--load-change``, floor.py's load change too (max_num_seqs 64: one request, then
 63 more after its first 32 tokens; greedy).
@@ -128,7 +129,8 @@ def run_cell(method: Method, batch: int, temperatures: list[float], prompts, arg
             rates, preemptions = collections.defaultdict(list), collections.defaultdict(list)
             drafted, excess = [], []
             for repeat in range(args.repeats + 1):
-                for name in POLICIES:
+                shift = repeat % len(POLICIES)  # rotated, as spec_bench.run_rounds does
+                for name in POLICIES[shift:] + POLICIES[:shift]:
                     policy[0] = name
                     chosen.clear()
                     spent.clear()
