@@ -19,8 +19,8 @@ Per cell: ``b`` prompts (held-out TinyStories openings) submitted together to an
 engine with ``max_num_seqs = b``, 128 new tokens each, greedy unless ``--temperature``.
 ``--workload floor`` runs floor.py's cells instead: 3b Spec-Bench and TinyStories
 prompts (up to 256 tokens) into an engine with ``max_num_seqs = b``, so requests are
-admitted while others decode; the steps that schedule prompt tokens get their own
-table (each part's total over the run), since that is where such a run can differ.
+admitted while others decode; the other steps (those that schedule prompt tokens, or
+run fewer than b requests) get their own table, each part's total over the run.
 "Other" is the step's time outside every timed part (Python glue between them).
 ``--pair small``: the small pair's target with ``ngram``, ``specdiff`` at gamma 4 and 8
 (T 1, fixed), its defaults and its defaults with drafting switched off (the floor), and
