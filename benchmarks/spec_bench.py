@@ -319,7 +319,7 @@ def run_rounds(engines: Engines, methods, prompts, max_tokens, temperature, repe
                label: str, arrive_after: int | None = None) -> dict[str, list[dict]]:
     """One untimed warm-up round, then `repeats` rounds, each running every method once
     in turn, the order rotated each round (A B C, B C A, C A B, ...) so that no method
-    always runs first, or always right after the same one."""
+    always takes the same place in the round (the cyclic order, who follows whom, stays)."""
     for m in methods:
         engines.run(m, prompts, max_tokens, temperature, arrive_after)
     runs = collections.defaultdict(list)
