@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from floor import (DEFAULT, LOAD_CHANGE, add_workload_args, workload_args,  # noqa: E402
                    workload_prompts)
 from spec_bench import (KV_CACHE_BYTES, MAX_MODEL_LEN, PAIRS, RESULTS, Method,  # noqa: E402
-                        environment, generate_with_arrivals, on_pair)
+                        environment, generate_with_arrivals, on_pair, round_order)
 
 from vllm_specdiff.runtime import close_engine, cpu_engine_defaults, prepare_process  # noqa: E402
 
@@ -129,8 +129,7 @@ def run_cell(method: Method, batch: int, temperatures: list[float], prompts, arg
             rates, preemptions = collections.defaultdict(list), collections.defaultdict(list)
             drafted, excess = [], []
             for repeat in range(args.repeats + 1):
-                shift = repeat % len(POLICIES)  # rotated, as spec_bench.run_rounds does
-                for name in POLICIES[shift:] + POLICIES[:shift]:
+                for name in round_order(POLICIES, repeat):
                     policy[0] = name
                     chosen.clear()
                     spent.clear()

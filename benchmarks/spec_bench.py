@@ -315,17 +315,23 @@ def median_range(values: list[float]) -> tuple[float, float, float]:
     return statistics.median(values), min(values), max(values)
 
 
+def round_order(items: list, rep: int) -> list:
+    """Round ``rep``'s order of ``items``, rotated each round (A B C, B C A, C A B, ...) so
+    that no item always takes the same place in the round (the cyclic order, who follows
+    whom, stays): on this VM a run's speed depended on its place."""
+    shift = rep % len(items)
+    return items[shift:] + items[:shift]
+
+
 def run_rounds(engines: Engines, methods, prompts, max_tokens, temperature, repeats, log,
                label: str, arrive_after: int | None = None) -> dict[str, list[dict]]:
     """One untimed warm-up round, then `repeats` rounds, each running every method once
-    in turn, the order rotated each round (A B C, B C A, C A B, ...) so that no method
-    always takes the same place in the round (the cyclic order, who follows whom, stays)."""
+    in turn, in ``round_order``."""
     for m in methods:
         engines.run(m, prompts, max_tokens, temperature, arrive_after)
     runs = collections.defaultdict(list)
     for rep in range(repeats):
-        shift = rep % len(methods)
-        for m in methods[shift:] + methods[:shift]:
+        for m in round_order(methods, rep):
             r = engines.run(m, prompts, max_tokens, temperature, arrive_after)
             runs[m.name].append(r)
             log(f"  {label} rep {rep + 1}/{repeats} {m.name}: {r['tokens'] / r['seconds']:.0f} tok/s, "

@@ -200,12 +200,14 @@ def profile(name, spec_config, target, batches, max_tokens, temperature, timers,
                 start = time.perf_counter()
                 outputs = llm.generate(inputs, params, use_tqdm=False)
                 seconds = time.perf_counter() - start
-            decode = [s for s in timers.steps if s.get("_decode_only") and s["_requests"] == b]
-            engine_s = sum(s.get("step", 0.0) + s.get("post_step (draft hand-over)", 0.0)
-                           for s in timers.steps)
-            other_steps_s = engine_s - sum(s["step"] + s.get("post_step (draft hand-over)", 0.0)
-                                           for s in decode)
-            others = [s for s in timers.steps if not (s.get("_decode_only") and s["_requests"] == b)]
+            decode, others = [], []  # pure decode steps of all b requests; the rest
+            for s in timers.steps:
+                (decode if s.get("_decode_only") and s["_requests"] == b else others).append(s)
+
+            def engine_seconds(steps):
+                return sum(s.get("step", 0.0) + s.get("post_step (draft hand-over)", 0.0)
+                           for s in steps)
+            engine_s, other_steps_s = engine_seconds(timers.steps), engine_seconds(others)
             other_parts = {label: sum(s.get(label, 0.0) for s in others) * 1e3
                            for label, _, _ in TIMERS}
             tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
