@@ -7,8 +7,11 @@ decoding at every concurrency from 1 to 64, and through a load change.
 
 Protocol (spec_bench.py's): a cell b runs engines with ``max_num_seqs = b`` and submits 3b
 prompts at once (Spec-Bench and held-out TinyStories, round-robin), 128 new tokens each;
-one untimed warm-up round, then ``--repeats`` interleaved rounds; cells show the median
-and [min-max] of the per-repeat ratios to plain decoding in the same round.
+one untimed warm-up round, then ``--repeats`` interleaved rounds (``round_order``); cells
+show the median and [min-max] of the per-repeat ratios to plain decoding in the same
+round. ``--builds N`` starts the engines N times and pools the rounds (engines built
+alike differ by a few percent); ``--control`` adds a second plain-decoding engine, whose
+ratio to the first is the same computation measured twice: the cells' resolution.
 
 Methods: plain decoding; specdiff with this commit's defaults; and the floor, specdiff's
 engine with drafting switched off (draft length 0 every step), which measures what
@@ -34,8 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from spec_bench import (NONE, PAIRS, RESULTS, Engines, environment, fmt,  # noqa: E402
-                        load_prompts, median_range, on_pair, run_rounds, specdiff,
+from spec_bench import (NONE, PAIRS, RESULTS, environment, fmt, load_prompts,  # noqa: E402
+                        median_range, on_pair, pooled_runs, run_rounds, specdiff,
                         speedup_cell, summarise)
 
 from vllm_specdiff.config import SpecDiffConfig  # noqa: E402
@@ -46,6 +49,9 @@ DEFAULT = replace(specdiff(DEFAULTS.num_speculative_tokens, DEFAULTS.diffusion_s
                   name=f"specdiff defaults (g{DEFAULTS.gamma} T{DEFAULTS.diffusion_steps})")
 DRAFTING_OFF = replace(DEFAULT, name="specdiff, drafting off", family="specdiff-off")
 METHODS = [NONE, DEFAULT, DRAFTING_OFF]
+# A second plain-decoding engine (--control): its ratio to plain decoding is the same
+# computation measured twice, the resolution of the cells beside it.
+CONTROL = replace(NONE, name="none, second engine", family="none-control")
 GOAL = 0.95
 LOAD_CHANGE = dict(batch=64, first_tokens=32)
 BATCHES, QUICK_BATCHES = [1, 2, 4, 8, 16, 32, 64], [1, 8, 32]
@@ -78,6 +84,11 @@ def workload_prompts() -> list[list[int]]:
     return [ids for _, ids in load_prompts(tokenizer, PROMPT_TOKENS)]
 
 
+def builds(args) -> str:
+    return ("engines started once" if args.builds == 1 else
+            f"engines started {args.builds} times (each time in another order)")
+
+
 def report(cells, load_cells, env, args, minutes, methods) -> str:
     lines = ["# The floor: specdiff's defaults vs plain decoding, concurrency 1 to 64 "
              f"({args.pair} pair)", "",
@@ -86,8 +97,9 @@ def report(cells, load_cells, env, args, minutes, methods) -> str:
              f"Machine: {env['cpu']}, {env['cores']} cores, torch threads {env['torch_threads']}, "
              f"Intel OpenMP preloaded: {env['omp_preload']}; vLLM {env['vllm']} (CPU), {env['dtype']}  ",
              f"Workload: cell b = max_num_seqs b, 3b prompts at once, {args.max_tokens} new tokens "
-             f"each; one warm-up round, then {args.repeats} interleaved repeats. Goal: specdiff "
-             f">= {GOAL}x plain decoding in every cell.", "",
+             f"each; {builds(args)}, each with one warm-up round, then {args.repeats} "
+             f"interleaved repeats (rounds pooled). Goal: specdiff >= {GOAL}x plain decoding in "
+             "every cell.", "",
              "Cells: median [min-max] of per-repeat ratios to plain decoding in the same round; "
              "`~` marks a range that straddles 1.0.", ""]
     for temperature in sorted({c["temperature"] for c in cells}):
@@ -126,7 +138,14 @@ def main() -> None:
     add_workload_args(ap)
     ap.add_argument("--pair", choices=sorted(PAIRS), default="tiny")
     ap.add_argument("--no-load-change", action="store_true")
+    ap.add_argument("--builds", type=int, default=1,
+                    help="start the engines this many times (each time in another order) "
+                         "and pool the rounds: engines built alike differ by a few percent")
+    ap.add_argument("--control", action="store_true",
+                    help="add a second plain-decoding engine: the cells' resolution")
     args = workload_args(ap.parse_args())
+    if args.builds < 1:
+        ap.error(f"--builds={args.builds}: must be an integer >= 1")
     prepare_process(quiet=True)
     env = environment("floor.py", sys.argv[1:])
     prompts = workload_prompts()
@@ -135,30 +154,29 @@ def main() -> None:
     def log(message):
         print(f"[{(time.time() - started) / 60:5.1f} min] {message}", flush=True)
 
-    methods = [on_pair(m, PAIRS[args.pair]) for m in METHODS]
+    methods = [on_pair(m, PAIRS[args.pair]) for m in METHODS + ([CONTROL] if args.control else [])]
     cells, load_cells = [], []
     for batch in args.batches:
-        engines = Engines(methods, batch)
-        try:
-            for temperature in args.temperatures:
-                runs = run_rounds(engines, methods, prompts[: 3 * batch], args.max_tokens,
-                                  temperature, args.repeats, log, f"b={batch} t={temperature}")
-                cells += summarise(methods, runs, batch, temperature)
-        finally:
-            engines.close()
+        def cell_rounds(engines, build, batch=batch):
+            return {t: run_rounds(engines, methods, prompts[: 3 * batch], args.max_tokens, t,
+                                  args.repeats, log, f"b={batch} t={t} build {build + 1}")
+                    for t in args.temperatures}
+        pooled = pooled_runs(methods, batch, args.builds, cell_rounds)
+        for temperature in args.temperatures:
+            cells += summarise(methods, pooled[temperature], batch, temperature)
     if not args.no_load_change:
-        engines = Engines(methods, LOAD_CHANGE["batch"])
-        try:
-            runs = run_rounds(engines, methods, prompts[: LOAD_CHANGE["batch"]], args.max_tokens,
-                              0.0, args.repeats, log, "load change", LOAD_CHANGE["first_tokens"])
-            load_cells = summarise(methods, runs, LOAD_CHANGE["batch"], 0.0)
-        finally:
-            engines.close()
+        def load_rounds(engines, build):
+            return {"load change": run_rounds(
+                engines, methods, prompts[: LOAD_CHANGE["batch"]], args.max_tokens, 0.0,
+                args.repeats, log, f"load change build {build + 1}", LOAD_CHANGE["first_tokens"])}
+        pooled = pooled_runs(methods, LOAD_CHANGE["batch"], args.builds, load_rounds)
+        load_cells = summarise(methods, pooled["load change"], LOAD_CHANGE["batch"], 0.0)
     stem = ("floor" + ("" if args.pair == "tiny" else f"_{args.pair}")
             + ("_quick" if args.quick else "") + (f"_{args.label}" if args.label else ""))
     RESULTS.mkdir(parents=True, exist_ok=True)
     env.update(pair=args.pair, batches=args.batches, temperatures=args.temperatures,
-               repeats=args.repeats, max_tokens=args.max_tokens, load_change=LOAD_CHANGE)
+               repeats=args.repeats, builds=args.builds, control=args.control,
+               max_tokens=args.max_tokens, load_change=LOAD_CHANGE)
     (RESULTS / f"{stem}.json").write_text(json.dumps(
         {**env, "cells": cells, "load_change_cells": load_cells}, indent=1) + "\n")
     (RESULTS / f"{stem}.md").write_text(report(cells, load_cells, env, args,

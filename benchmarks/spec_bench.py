@@ -316,11 +316,34 @@ def median_range(values: list[float]) -> tuple[float, float, float]:
 
 
 def round_order(items: list, rep: int) -> list:
-    """Round ``rep``'s order of ``items``, rotated each round (A B C, B C A, C A B, ...) so
-    that no item always takes the same place in the round (the cyclic order, who follows
-    whom, stays): on this VM a run's speed depended on its place."""
-    shift = rep % len(items)
-    return items[shift:] + items[:shift]
+    """Round ``rep``'s order of ``items``: rotated each round (A B C, B C A, C A B), then
+    the same for the reverse order (A C B, C B A, B A C), and again. Over ``2 n`` rounds
+    every item takes every place equally often, and follows every other item equally
+    often: on this VM a run's speed depended on its place in the round, and may depend on
+    the engine that ran just before it."""
+    n = len(items)
+    cycle = items if (rep // n) % 2 == 0 else items[::-1]
+    shift = rep % n
+    return cycle[shift:] + cycle[:shift]
+
+
+def pooled_runs(methods, max_num_seqs: int, builds: int, run) -> dict:
+    """``run(engines, build)`` -> {key: {method name: [runs]}} on ``builds`` fresh sets of
+    engines, each started in another order (``round_order``); the runs pooled per key and
+    method. Engines built alike do not run alike: three plain-decoding engines built
+    together read 0.97-1.05x of each other over 12 rounds, and which one was fast changed
+    from build to build (tiny pair, batch 1, temperature 1), so a cell measured on one
+    build carries its engines' draw."""
+    pooled: dict = collections.defaultdict(lambda: collections.defaultdict(list))
+    for build in range(builds):
+        engines = Engines(round_order(methods, build), max_num_seqs)
+        try:
+            for key, runs in run(engines, build).items():
+                for name, rs in runs.items():
+                    pooled[key][name] += rs
+        finally:
+            engines.close()
+    return pooled
 
 
 def run_rounds(engines: Engines, methods, prompts, max_tokens, temperature, repeats, log,
