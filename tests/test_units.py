@@ -523,7 +523,19 @@ def test_copying_goes_on_without_the_mdlm_only_where_measured_to_pay():
     for _ in range(2):
         assert a.copying_pays(1)  # measure it
         a.observe_copied(StepOutcome(1, 8, tokens=4, seconds=0.0025))
-    assert a.copying_pays(1)
+    # It pays; but plain decoding, its reference, was measured 8 >= reprobe_after steps
+    # ago: this step decodes plainly to re-measure it, then copying goes on.
+    assert not a.copying_pays(1) and a.measuring_plain
+    a.observe(StepOutcome(1, 0, tokens=1, seconds=0.002))
+    on = []
+    for _ in range(12):
+        a.next_draft_len(1)
+        on.append(a.copying_pays(1))
+        if on[-1]:
+            a.observe_copied(StepOutcome(1, 8, tokens=4, seconds=0.0025))
+        else:
+            a.observe(StepOutcome(1, 0, tokens=1, seconds=0.002))
+    assert [i for i, c in enumerate(on) if not c] == [5, 11]  # one plain step in 6
     assert 8 not in a.buckets[0].arms  # the MDLM's gamma arm learned nothing from it
 
     poor = AdaptiveDraftLength(8, probe_every=4, reprobe_max=32)
@@ -543,6 +555,46 @@ def test_copying_goes_on_without_the_mdlm_only_where_measured_to_pay():
     # A copying step costs 2 plain ones: re-measured after 4 x 2 = 8 steps, then 16, 32.
     assert [i for i, c in enumerate(copies) if c] == [8, 24, 56]
     assert not poor.copying_pays(1)  # another bucket: plain decoding not measured there
+
+
+def run_through_a_slow_spell(spell: range, factor: float, seed: int, after: int = 1500) -> list:
+    """Batch 8 where neither the MDLM nor copying pays (temperature-1 acceptance; a
+    drafted step costs 3-5 plain ones), the machine ``factor`` times slower during
+    ``spell`` (another process holding the CPU); the steps' kinds ("c": copied)."""
+    import random
+
+    rng = random.Random(seed)
+    a = AdaptiveDraftLength(8)
+    acceptance = [0.35, 0.12, 0.04, 0.02, 0.01, 0.0, 0.0, 0.0]
+    kinds = []
+    for step in range(spell.stop + after):
+        k = a.next_draft_len(8)
+        copy = k == 0 and a.copying_pays(8)
+        length = 8 if copy else k
+        slow = factor if step in spell else 1.0
+        seconds = ((0.005 if copy or not k else 0.015) + 0.0015 * length) * slow
+        accepted = []
+        for _ in range(8):
+            n = 0
+            while n < length and rng.random() < (0.2 if copy else acceptance[n]):
+                n += 1
+            accepted.append(n)
+        outcome = StepOutcome(8, k, 8 + sum(accepted), seconds * rng.uniform(0.9, 1.1),
+                              () if copy else tuple(accepted))
+        (a.observe_copied if copy else a.observe)(outcome)
+        kinds.append("c" if copy else k)
+    return kinds[spell.stop:]
+
+
+def test_a_slow_spell_does_not_leave_drafting_on():
+    """Plain decoding's cost measured while the CPU was shared made drafting and copying
+    look paying; once they ran, plain decoding was never re-measured (its probes copied
+    instead), and some runs drafted at a loss on every step after the spell."""
+    for length, seed in [(100, 1), (200, 3), (100, 0), (400, 2), (50, 4)]:
+        start = 1500 + 37 * seed
+        after = run_through_a_slow_spell(range(start, start + length), 5.0, seed)
+        drafted = sum(1 for k in after if k != 0)
+        assert drafted < 0.02 * len(after), (length, seed, collections.Counter(map(str, after)))
 
 
 def test_each_step_is_measured_in_the_arm_of_what_really_ran():

@@ -47,6 +47,11 @@ copy their draft from their context, which costs no drafter pass) has its own pa
 like a draft length: a few steps first, then it goes on while it beats plain decoding
 by ``min_gain``; unseen or losing, one step tries it after a wait that grows with
 what such a step costs and doubles while copying keeps losing.
+
+Plain decoding's cost is what every arm is judged against, so it is kept current:
+steps that re-measure it never copy (``measuring_plain``), copying re-measures it after
+each try and while it is on, and a step that shows the machine faster than an arm's
+samples say drops or re-measures it (``sped_up``).
 """
 
 from __future__ import annotations
@@ -138,6 +143,19 @@ class Arm:
         self.tokens_per_row = tokens / self.rows_seen
 
 
+def sped_up(arm: Arm, step: StepOutcome) -> bool:
+    """Whether ``step`` ran in under half ``arm``'s median cost: the machine is faster
+    than when the arm's samples were measured (something else held the CPU then; an
+    arm's steps do about the same work each time). Every arm is judged against plain
+    decoding's cost, so a plain cost measured in such a slow spell made drafting and
+    copying look paying (floor.py, tiny pair, batch 8, temperature 1: ~0.5x plain
+    decoding in every round after one). Plain decoding's own older samples are then dropped; after
+    a drafted or copied step, the next step re-measures plain decoding (``plain_due``).
+    Only against a median of at least 3 current samples: a re-probed arm's first step
+    is often slow for its own reasons (new shapes, a drafter cache's catch-up)."""
+    return not arm.stale and len(arm.costs) >= 3 and step.seconds < arm.seconds / 2
+
+
 @dataclass
 class Bucket:
     arms: dict[int, Arm] = field(default_factory=dict)
@@ -148,11 +166,13 @@ class Bucket:
     reprobed: bool = False  # a re-probe ran since drafting last paid in this bucket
     copy_at: int | None = None  # step at which copying, unseen or losing, is tried again
     copy_wait: int = 0
+    copy_since: int = 0  # step of the latest try: plain decoding is re-measured after it
     catching_up: int | None = None  # a re-probed draft length whose first step is not measured
     catch_up_seconds: float = 0.0  # what that first step cost, the latest time
     probing: int = 0  # the draft length a re-probe measures ...
     probe_steps: int = 0  # ... for this many more steps
     gamma_wait: int = 0  # steps gamma's cost may age while shorter lengths run (0: reprobe_after)
+    plain_due: bool = False  # a drafted or copied step ran at under half its arm's cost: see sped_up
 
 
 class AdaptiveDraftLength:
@@ -187,6 +207,9 @@ class AdaptiveDraftLength:
         # off: the drafter then drafts every request, none copies (a copied row would
         # leave the re-probe without a measurement of the drafter, and drafting off).
         self.reprobing = False
+        # Whether the latest next_draft_len re-measures plain decoding: nothing drafts,
+        # not even copies (``copying_pays``), or the step would measure something else.
+        self.measuring_plain = False
         self._last_log = 0.0
 
     def _bucket(self, batch: int) -> Bucket:
@@ -214,6 +237,11 @@ class AdaptiveDraftLength:
             bucket.catch_up_seconds = step.seconds
             return
         arm = bucket.arms.setdefault(step.draft_len, Arm())
+        if sped_up(arm, step):
+            if step.draft_len == 0:
+                arm.stale = True  # its older samples were measured on a slower machine
+            else:
+                bucket.plain_due = True
         arm.last_step = bucket.steps
         arm.record(step)
 
@@ -225,6 +253,8 @@ class AdaptiveDraftLength:
             return
         self._age_acceptance()
         bucket = self._bucket(step.batch)
+        if sped_up(bucket.copied, step):
+            bucket.plain_due = True
         bucket.copied.last_step = bucket.steps
         bucket.copied.record(step)
 
@@ -335,7 +365,7 @@ class AdaptiveDraftLength:
     # -- output --------------------------------------------------------------------
 
     def next_draft_len(self, batch: int) -> int:
-        self.reprobing = False
+        self.reprobing = self.measuring_plain = False
         if not self.enabled or batch == 0:
             return self.gamma
         bucket = self._bucket(batch)
@@ -348,6 +378,9 @@ class AdaptiveDraftLength:
             bucket.probe_steps -= 1
             choice = bucket.probing
             self.reprobing = True
+        elif bucket.plain_due and 0 in known:
+            bucket.plain_due = False
+            choice, self.measuring_plain = 0, True
         elif 0 not in known:
             choice = 0  # plain decoding: the reference, measured at no extra cost
         elif self.gamma not in known or self.position_evidence[0] < MIN_EVIDENCE:
@@ -377,6 +410,7 @@ class AdaptiveDraftLength:
                     if self.gamma not in paying and self._gamma_due(bucket):
                         others.append(self.gamma)
                     choice = others[(bucket.steps // self.probe_every) % len(others)]
+                    self.measuring_plain = choice == 0
                     if choice == self.gamma and self.gamma not in paying:
                         bucket.gamma_wait = min(2 * (bucket.gamma_wait or self.reprobe_after),
                                                 self.reprobe_max)
@@ -417,15 +451,28 @@ class AdaptiveDraftLength:
         every request copies can verify gamma + 1 tokens per request: not tried often
         blind); where it lost, ``probe_every`` steps times its cost in plain steps, so
         that a losing re-measurement costs ~1/``probe_every`` of the steps between them.
-        The wait doubles (up to ``reprobe_max``) while copying keeps losing."""
+        The wait doubles (up to ``reprobe_max``) while copying keeps losing.
+
+        Never on a step that re-measures plain decoding (``measuring_plain``). Copying is
+        judged against plain decoding's cost, which only plain steps measure, so once a
+        try has shown that copying pays, one such step follows before it goes on (plain
+        decoding measured after copying, on the same machine), and one in every
+        ``reprobe_after`` steps while it is on. Without them a plain cost measured while
+        something else held the CPU kept copying (or an MDLM length, whose plain probes
+        copied instead) on for good (``sped_up``)."""
         bucket = self.buckets.get(bucket_of(batch))
         plain = None if bucket is None else bucket.arms.get(0)
-        if plain is None or plain.samples < self.warm_samples:
+        if plain is None or plain.samples < self.warm_samples or self.measuring_plain:
             return False
         copied = bucket.copied
         if copied.samples and (copied.samples < self.warm_samples
                                or copied.rate >= self.min_gain * plain.rate):
             bucket.copy_at = None
+            if copied.samples >= self.warm_samples and (
+                    plain.last_step <= bucket.copy_since
+                    or bucket.steps - plain.last_step >= self.reprobe_after):
+                self.measuring_plain = True  # this step re-measures plain decoding
+                return False
             return True
         if bucket.copy_at is None:
             bucket.copy_wait = (round(self.probe_every * max(1.0, copied.seconds / plain.seconds))
@@ -436,6 +483,7 @@ class AdaptiveDraftLength:
             return False
         bucket.copy_wait = min(2 * bucket.copy_wait, self.reprobe_max)
         bucket.copy_at = bucket.steps + bucket.copy_wait
+        bucket.copy_since = bucket.steps
         copied.stale = True
         return True
 
