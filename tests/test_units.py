@@ -597,6 +597,21 @@ def test_a_slow_spell_does_not_leave_drafting_on():
         assert drafted < 0.02 * len(after), (length, seed, collections.Counter(map(str, after)))
 
 
+def test_a_plain_step_faster_than_half_its_median_makes_the_bucket_measure_afresh():
+    a = AdaptiveDraftLength(8)
+    for n, seconds in [(0, 0.025)] * 9 + [(1, 0.09), (8, 0.2)]:  # a slow spell
+        a.next_draft_len(8)
+        a.observe(StepOutcome(8, n, 8 + n, seconds, (n,) * 8 if n else ()))
+    a.next_draft_len(8)
+    a.observe(StepOutcome(8, 0, 8, 0.013))  # 0.52x the median: not under half
+    assert sorted(a.buckets[bucket_of(8)].arms) == [0, 1, 8]
+    a.next_draft_len(8)
+    a.observe(StepOutcome(8, 0, 8, 0.005))  # the machine is back to speed
+    arms = a.buckets[bucket_of(8)].arms
+    assert sorted(arms) == [0] and arms[0].seconds == 0.005
+    assert a.next_draft_len(8) == 8  # gamma measured again first
+
+
 def test_each_step_is_measured_in_the_arm_of_what_really_ran():
     """The proposer hands the controller each step as what ran: the MDLM's draft
     length only where the MDLM drafted (n-gram rows count one token each), the copied

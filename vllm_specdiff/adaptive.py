@@ -149,8 +149,10 @@ def sped_up(arm: Arm, step: StepOutcome) -> bool:
     arm's steps do about the same work each time). Every arm is judged against plain
     decoding's cost, so a plain cost measured in such a slow spell made drafting and
     copying look paying (floor.py, tiny pair, batch 8, temperature 1: ~0.5x plain
-    decoding in every round after one). Plain decoding's own older samples are then dropped; after
-    a drafted or copied step, the next step re-measures plain decoding (``plain_due``).
+    decoding in every round after one), and drafted lengths measured in it looked so
+    costly that they went unmeasured for thousands of steps. After a plain step, the
+    bucket's costs are measured afresh (``observe``); after a drafted or copied step,
+    the next step re-measures plain decoding (``plain_due``).
     Only against a median of at least 3 current samples: a re-probed arm's first step
     is often slow for its own reasons (new shapes, a drafter cache's catch-up)."""
     return not arm.stale and len(arm.costs) >= 3 and step.seconds < arm.seconds / 2
@@ -239,7 +241,12 @@ class AdaptiveDraftLength:
         arm = bucket.arms.setdefault(step.draft_len, Arm())
         if sped_up(arm, step):
             if step.draft_len == 0:
-                arm.stale = True  # its older samples were measured on a slower machine
+                # Every cost of this bucket was measured on a slower machine: plain
+                # decoding's older samples are dropped, the drafted lengths forgotten
+                # (gamma is measured again in one step, the others predicted from it).
+                arm.stale = True
+                for n in [n for n in bucket.arms if n]:
+                    del bucket.arms[n]
             else:
                 bucket.plain_due = True
         arm.last_step = bucket.steps
