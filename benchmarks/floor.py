@@ -84,7 +84,7 @@ def workload_prompts() -> list[list[int]]:
     return [ids for _, ids in load_prompts(tokenizer, PROMPT_TOKENS)]
 
 
-def builds(args) -> str:
+def engine_starts(args) -> str:
     return ("engines started once" if args.builds == 1 else
             f"engines started {args.builds} times (each time in another order)")
 
@@ -97,7 +97,7 @@ def report(cells, load_cells, env, args, minutes, methods) -> str:
              f"Machine: {env['cpu']}, {env['cores']} cores, torch threads {env['torch_threads']}, "
              f"Intel OpenMP preloaded: {env['omp_preload']}; vLLM {env['vllm']} (CPU), {env['dtype']}  ",
              f"Workload: cell b = max_num_seqs b, 3b prompts at once, {args.max_tokens} new tokens "
-             f"each; {builds(args)}, each with one warm-up round, then {args.repeats} "
+             f"each; {engine_starts(args)}, each with one warm-up round, then {args.repeats} "
              f"interleaved repeats (rounds pooled). Goal: specdiff >= {GOAL}x plain decoding in "
              "every cell.", "",
              "Cells: median [min-max] of per-repeat ratios to plain decoding in the same round; "

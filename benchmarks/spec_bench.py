@@ -73,7 +73,7 @@ FAMILIES = ("specdiff", "ngram", "draft_model")
 @dataclass(frozen=True)
 class Method:
     name: str
-    family: str  # none | specdiff | specdiff-off | ngram | draft_model
+    family: str  # none | none-control | specdiff | specdiff-off | ngram | draft_model
     speculative_config: dict | None
     target: str = str(EMBEDDED_TARGET)
 

@@ -209,8 +209,9 @@ class AdaptiveDraftLength:
         # off: the drafter then drafts every request, none copies (a copied row would
         # leave the re-probe without a measurement of the drafter, and drafting off).
         self.reprobing = False
-        # Whether the latest next_draft_len re-measures plain decoding: nothing drafts,
-        # not even copies (``copying_pays``), or the step would measure something else.
+        # Whether the step being planned re-measures plain decoding (a probe chosen by
+        # next_draft_len, or copying_pays's check of its reference): nothing drafts, not
+        # even copies, or the step would measure something else.
         self.measuring_plain = False
         self._last_log = 0.0
 
