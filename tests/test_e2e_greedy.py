@@ -31,22 +31,50 @@ def reference_outputs():
         close_engine(llm)
 
 
+class MatcherSpy:
+    """Wraps vLLM's numba n-gram matcher: the rows of each call made while the engine
+    starts, and whether a call while serving compiled it for new argument types."""
+
+    def __init__(self, matcher):
+        self.matcher, self.rows_at_start, self.serving = matcher, [], False
+        self.compiled_while_serving = False
+
+    def __call__(self, requests, *args):
+        known = len(self.matcher.signatures)
+        out = self.matcher(requests, *args)
+        if not self.serving:
+            self.rows_at_start.append(len(requests))
+        elif len(self.matcher.signatures) > known:
+            self.compiled_while_serving = True
+        return out
+
+
 def run_specdiff(max_num_seqs, spec=SPEC):
-    """Outputs, vLLM's spec-decode counters, and the rows each source drafted."""
+    """Outputs, vLLM's spec-decode counters, the rows each source drafted, and the
+    n-gram matcher's spy."""
     from vllm import LLM
+    from vllm.v1.spec_decode import ngram_proposer
 
     from vllm_specdiff.metrics import from_metrics
 
-    llm = LLM(model=str(TARGET), speculative_config=dict(spec),
-              **engine_kwargs(max_num_seqs=max_num_seqs))
+    spy = MatcherSpy(ngram_proposer.batch_propose_numba)
+    ngram_proposer.batch_propose_numba = spy
+    try:
+        llm = LLM(model=str(TARGET), speculative_config=dict(spec),
+                  **engine_kwargs(max_num_seqs=max_num_seqs))
+    finally:
+        ngram_proposer.batch_propose_numba = spy.matcher
+    spy.serving = True
+    ngram_proposer.batch_propose_numba = spy
     try:
         outputs = generate(llm)
         stats = from_metrics(llm.get_metrics())
         proposer = llm.llm_engine.model_executor.driver_worker.worker.model_runner.drafter
         rows_drafted = dict(proposer.rows_drafted)
     finally:
+        ngram_proposer.batch_propose_numba = spy.matcher
         close_engine(llm)
-    return outputs, stats, rows_drafted
+    return outputs, stats, rows_drafted, spy
 
 
 VARIANTS = {
@@ -65,7 +93,7 @@ VARIANTS = {
                                                   (8, "random-T3-no-adaptive"),
                                                   (8, "prompt-lookup")])
 def test_greedy_output_identical_to_target_alone(reference_outputs, max_num_seqs, variant):
-    outputs, stats, rows_drafted = run_specdiff(max_num_seqs, {**SPEC, **VARIANTS[variant]})
+    outputs, stats, rows_drafted, matcher = run_specdiff(max_num_seqs, {**SPEC, **VARIANTS[variant]})
     assert len(outputs) == len(PROMPTS) >= 16
     for prompt, ref, out in zip(PROMPTS, reference_outputs, outputs):
         assert len(out) == MAX_TOKENS
@@ -83,4 +111,9 @@ def test_greedy_output_identical_to_target_alone(reference_outputs, max_num_seqs
     assert stats.accepted_tokens < total
     if variant == "prompt-lookup":  # both sources drafted rows: the mix is what is tested
         assert rows_drafted.get("lookup", 0) > 0 and rows_drafted.get("mdlm", 0) > 0, rows_drafted
+    if rows_drafted.get("lookup") or rows_drafted.get("warmup"):
+        # The n-gram matcher was compiled while the engine started (a call with a real
+        # row), not in the first step that copied: that compile stalls serving ~1.3 s.
+        assert any(matcher.rows_at_start), matcher.rows_at_start
+        assert not matcher.compiled_while_serving
     print(f"max_num_seqs={max_num_seqs} {variant}: {stats.summary()}; rows {rows_drafted}")

@@ -406,4 +406,12 @@ def make_ngram_proposer(vllm_config, gamma: int, sizes: tuple[int, int]):
         target_parallel_config=spec.target_parallel_config)
     config = copy.copy(vllm_config)
     config.speculative_config = ngram
-    return NgramProposer(config)
+    proposer = NgramProposer(config)
+    # vLLM's constructor means to compile its numba matcher with a call on 1024 empty
+    # rows, but rows with no sampled token are skipped before numba is reached, so the
+    # compile (~1.3 s on the 2-core CI machine) fell in the first step that copied: a
+    # stall in serving. One row with a token compiles it here, at engine start, for the
+    # argument types the runner passes (int32 arrays; compiled once per process).
+    proposer.propose(gamma, [[0]], np.ones(1, dtype=np.int32),
+                     np.zeros((1, vllm_config.model_config.max_model_len), dtype=np.int32))
+    return proposer
