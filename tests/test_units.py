@@ -318,6 +318,37 @@ def test_a_re_probe_that_loses_much_waits_until_it_costs_one_step_in_a_hundred()
     assert max(b - a for a, b in zip(starts, starts[1:])) <= 512, starts
 
 
+def test_a_re_probe_that_clearly_loses_stops_after_early_rows():
+    """The tiny pair at temperature 1, batch 1: a drafted step costs ~3 plain ones for
+    ~1.4 tokens. A re-probe stops once EARLY_ROWS (4) of its MIN_EVIDENCE (8) rows
+    show that; once the drafter pays again, a re-probe runs all of its steps and
+    drafting goes on."""
+    from vllm_specdiff.adaptive import EARLY_ROWS, MIN_EVIDENCE
+
+    engine = ScriptedEngine([0.3] * 8, base=2.2e-3, per_request=0.0, draft=1e-4, fixed=4.1e-3)
+    a = AdaptiveDraftLength(8, reprobe_after=64, reprobe_max=1024)
+    choices = [engine.step(a, 1) for _ in range(6000)]
+
+    def runs(choices):  # (start, length) of each stretch of drafted steps
+        out, start = [], None
+        for i, k in enumerate(choices + [0]):
+            if k and start is None:
+                start = i
+            elif not k and start is not None:
+                out.append((start, i - start))
+                start = None
+        return out
+
+    probes = runs(choices)
+    assert probes[0] == (3, MIN_EVIDENCE)  # gamma until 8 rows show the acceptance
+    assert len(probes) >= 6 and all(n == EARLY_ROWS for _, n in probes[1:]), probes
+    engine.acceptance = [0.95] * 8  # the traffic changed: drafting pays ~2x
+    assert engine.expected_goodput(1, 8) > 1.5 * engine.expected_goodput(1, 0)
+    choices = [engine.step(a, 1) for _ in range(1100)]
+    start, n = runs(choices)[0]
+    assert n > MIN_EVIDENCE and sum(k > 0 for k in choices[-100:]) >= 90, (start, n)
+
+
 def test_a_costly_catch_up_step_makes_re_probes_wait_for_it():
     """The small pair under load (63 new requests): the first step after drafting was
     off re-encodes every request's context in the drafter cache; a re-probe's two

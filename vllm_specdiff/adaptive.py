@@ -31,7 +31,8 @@ gamma, once its cost has aged: ``_gamma_due``), so the costs stay current.
 While drafting is off, the most promising draft length (or gamma, when its cost is
 the older measurement: every length between is interpolated from it) is re-measured
 over steps that draft ``MIN_EVIDENCE`` rows (one more with ``catch_up``, not
-measured: see ``_reprobe``) after ``reprobe_after`` steps, and the wait doubles (up to
+measured: see ``_reprobe``; it stops after ``EARLY_ROWS`` rows that show it clearly
+losing: ``_probe_lost``) after ``reprobe_after`` steps, and the wait doubles (up to
 ``reprobe_max``) each time drafting stays off, and is never shorter than what makes a
 re-probe's measured loss (its catch-up step, and the drafted steps of the last one)
 ``PROBE_SHARE`` of the steps between (``_reprobe_price``): a cost measured under other
@@ -94,6 +95,8 @@ RECENT = 9  # step costs an arm remembers; their median is its cost
 ACCEPTANCE_DECAY = 0.95  # per step: the acceptance model follows the last ~20 steps ...
 ROW_DECAY = 1 - 1 / 64  # ... and, while drafting, at least the last ~64 drafted rows
 MIN_EVIDENCE = 8  # drafted rows seen at position 0 before acceptance is predicted from
+EARLY_ROWS = 4  # drafted rows after which a re-probe that clearly loses stops ...
+LOSING = 0.75  # ... clearly: predicted at under this share of plain decoding's goodput
 PRIOR_ROWS = 4  # pseudo-rows pulling a deep position's acceptance towards the one before
 PROBE_SHARE = 0.01  # of the steps between re-measurements, at most what one costs (gamma, re-probes)
 MEASURED_ROWS = 32  # rows an arm's recent steps must cover before their tokens cap its prediction
@@ -379,6 +382,8 @@ class AdaptiveDraftLength:
         bucket = self._bucket(batch)
         bucket.steps += 1
         known = self._measured(bucket.arms)
+        if bucket.probe_steps and self._probe_lost(bucket, batch, known):
+            bucket.probe_steps = 0  # the rest of the re-probe would only confirm it
         if bucket.catching_up is not None:
             choice, bucket.catching_up = bucket.catching_up, None  # the measured step
             self.reprobing = True
@@ -525,6 +530,24 @@ class AdaptiveDraftLength:
         bucket.probing, bucket.probe_steps = candidate, reprobe_steps(batch) - 1
         return candidate
 
+    def _probe_lost(self, bucket: Bucket, batch: int, known: list[int]) -> bool:
+        """Whether the re-probe under way may stop early: its steps have drafted
+        ``EARLY_ROWS`` rows, and with what they showed (their cost, their acceptance)
+        its length is predicted at under ``LOSING`` times plain decoding's goodput. At
+        batch 1 a re-probe runs ``MIN_EVIDENCE`` steps, each of which costs several plain
+        ones where drafting loses (the tiny pair at temperature 1: ~3 plain steps for
+        ~1.4 tokens, ~45% of plain decoding's goodput), and the last four only confirmed
+        what the first four showed. Only a clear loss stops it: a length near the bar
+        is measured on every row, so that luck on four rows does not decide the next
+        (doubled) wait; nor does stopping pass over shorter lengths, which are
+        predicted from the acceptance these rows showed, like after a whole re-probe."""
+        arm = bucket.arms.get(bucket.probing)
+        if arm is None or arm.stale or arm.rows_seen < EARLY_ROWS:
+            return False
+        plain = self._goodput(bucket.arms, known, batch, 0)
+        probed = self._goodput(bucket.arms, known, batch, bucket.probing)
+        return plain is not None and probed is not None and probed < LOSING * plain
+
     def _reprobe_price(self, bucket: Bucket, candidate: int, batch: int) -> int:
         """Steps off that a re-probe of ``candidate`` must wait so that what it loses
         is at most ``PROBE_SHARE`` of them (at most ``reprobe_max``). What it loses, in
@@ -532,7 +555,8 @@ class AdaptiveDraftLength:
         cache re-encodes what it missed while drafting was off; the latest one
         measured in this bucket), and, after a re-probe that kept drafting off, each
         measured probe step's time beyond what its tokens would cost plain, from the
-        candidate's own measurement once it covers ``MIN_EVIDENCE`` rows. The first
+        candidate's own measurement once it covers ``EARLY_ROWS`` rows (times the steps
+        of a whole re-probe, even where they stop early: waits no shorter than before). The first
         wait after drafting goes off leaves that second part out, so that one
         measurement of the drafter (perhaps on unlucky rows) is confirmed before it
         can hold drafting off for long; the catch-up is the machine's cost.
@@ -550,7 +574,7 @@ class AdaptiveDraftLength:
         if self.catch_up and bucket.catch_up_seconds:
             loss += bucket.catch_up_seconds / plain.seconds - 1
         arm = bucket.arms.get(candidate)
-        if bucket.reprobed and arm is not None and arm.rows_seen >= MIN_EVIDENCE:
+        if bucket.reprobed and arm is not None and arm.rows_seen >= EARLY_ROWS:
             per_step = arm.seconds / plain.seconds - arm.tokens_per_row / plain.tokens_per_row
             loss += max(0.0, per_step) * reprobe_steps(batch)
         return min(round(max(0.0, loss) / PROBE_SHARE), self.reprobe_max)
