@@ -362,6 +362,24 @@ class AdaptiveDraftLength:
         arms = self._bucket(batch).arms
         return self._goodput(arms, self._measured(arms), batch, draft_len)
 
+    def _rates(self, arms: dict[int, Arm], known: list[int], batch: int) -> dict[int, float]:
+        """``_goodput`` of every candidate length, in one pass (it runs on every step;
+        ``known`` holds 0 and gamma, so every length lies between two measured ones)."""
+        rates, lo = {}, 0
+        for n in self.draft_lens:
+            arm = arms.get(n)
+            if n in known:
+                cost, lo = arm.seconds, n
+            else:
+                hi = next(m for m in known if m > n)
+                low = arms[lo].seconds
+                cost = max(1e-9, low + (arms[hi].seconds - low) * (n - lo) / (hi - lo))
+            tokens = self._expected[n]
+            if n and arm is not None and arm.rows_seen >= MEASURED_ROWS:
+                tokens = min(tokens, arm.tokens_per_row)
+            rates[n] = batch * tokens / cost
+        return rates
+
     def _goodput(self, arms: dict[int, Arm], known: list[int], batch: int,
                  draft_len: int) -> float | None:
         cost = self._cost(arms, known, draft_len)
@@ -402,7 +420,7 @@ class AdaptiveDraftLength:
             # are drafted by the n-gram warm-up), nothing can be predicted.
             choice = self.gamma
         else:
-            rates = {n: self._goodput(bucket.arms, known, batch, n) for n in self.draft_lens}
+            rates = self._rates(bucket.arms, known, batch)
             bar = self.min_gain * rates[0]
             paying = [n for n in self.draft_lens if n and rates[n] >= bar]
             if not paying:
