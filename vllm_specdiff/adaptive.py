@@ -62,14 +62,15 @@ import statistics
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 logger = logging.getLogger("vllm.specdiff")
 
 
-@dataclass(frozen=True)
-class StepOutcome:
+class StepOutcome(NamedTuple):
     """One decode step cycle (prompt steps are not measured: their cost says nothing
-    about the draft length)."""
+    about the draft length). A NamedTuple: one is built on every step, in ~1/4 of a
+    frozen dataclass's time."""
 
     batch: int  # requests that took part
     draft_len: int  # the draft length chosen for the step
@@ -242,7 +243,9 @@ class AdaptiveDraftLength:
             # cost is the price of the next re-probe's catch-up (_reprobe_price).
             bucket.catch_up_seconds = step.seconds
             return
-        arm = bucket.arms.setdefault(step.draft_len, Arm())
+        arm = bucket.arms.get(step.draft_len)  # not setdefault: an Arm (3 deques) every step
+        if arm is None:
+            arm = bucket.arms[step.draft_len] = Arm()
         if sped_up(arm, step):
             if step.draft_len == 0:
                 # Every cost of this bucket was measured on a slower machine: plain
