@@ -349,6 +349,37 @@ def test_a_re_probe_that_clearly_loses_stops_after_early_rows():
     assert n > MIN_EVIDENCE and sum(k > 0 for k in choices[-100:]) >= 90, (start, n)
 
 
+def test_drafting_off_asks_whether_a_length_pays_once_in_probe_every_steps():
+    """While drafting is off and no re-probe is due, only plain decoding's cost
+    changes, so the goodput of every length is predicted on one step in probe_every
+    (it ran on every step, ~16 us of a 2.2 ms step in the engine). Against the same
+    controller asking on every step: the same re-probes, and a length that comes to pay
+    (plain decoding slows) drafted at most probe_every steps later."""
+    class AskingEveryStep(AdaptiveDraftLength):
+        def next_draft_len(self, batch):
+            for bucket in self.buckets.values():
+                bucket.off_until = 0
+            return super().next_draft_len(batch)
+
+    def run(controller):
+        engine = ScriptedEngine([0.3] * 8, base=2.2e-3, per_request=0.0, draft=1e-4, fixed=4.1e-3)
+        predicted = []
+        rates = controller._rates
+        controller._rates = lambda *args: predicted.append(1) or rates(*args)
+        before = [engine.step(controller, 1) for _ in range(3000)]
+        engine.base = 40e-3  # plain decoding slows ~18x: drafting pays ~1.2x
+        after = [engine.step(controller, 1) for _ in range(100)]
+        return before, after, len(predicted)
+
+    before, after, predicted = run(AdaptiveDraftLength(8, reprobe_after=64, reprobe_max=1024))
+    ref_before, ref_after, ref_predicted = run(AskingEveryStep(8, reprobe_after=64, reprobe_max=1024))
+    assert before == ref_before
+    assert predicted < ref_predicted / 8, (predicted, ref_predicted)
+    first, ref_first = (next(i for i, k in enumerate(c) if k) for c in (after, ref_after))
+    assert ref_first <= first <= ref_first + 16, (first, ref_first)
+    assert sum(k > 0 for k in after[-50:]) >= 45, after
+
+
 def test_a_costly_catch_up_step_makes_re_probes_wait_for_it():
     """The small pair under load (63 new requests): the first step after drafting was
     off re-encodes every request's context in the drafter cache; a re-probe's two
