@@ -538,11 +538,15 @@ class AdaptiveDraftLength:
         ``catch_up`` (a drafter with a cache): otherwise the first step is like any
         other, and is measured.
 
-        Until a re-probe is due, drafting stays off without the goodput of every length
-        being predicted again on each step (~16 us of a 2.2 ms step on the tiny pair, in
-        the engine), but for one step in ``probe_every`` (``off_until``): meanwhile only
-        plain decoding's cost changes (drafted lengths and acceptance are measured by
-        drafting), so a length that comes to pay is found within ``probe_every`` steps."""
+        Once a re-probe has confirmed that drafting loses, drafting stays off until the
+        next one is due without the goodput of every length being predicted again on
+        each step (~16 us of a 2.2 ms step on the tiny pair, in the engine), but for one
+        step in ``probe_every`` (``off_until``): meanwhile only plain decoding's cost
+        changes (drafted lengths and acceptance are measured by drafting), so a length
+        that comes to pay is found within ``probe_every`` steps. Not before that
+        re-probe: a length predicted near the bar goes on and off with plain decoding's
+        measured cost from step to step (the tiny pair at batch 1, greedy), and holding
+        it off for ``probe_every`` steps at each turn changed how long it ran."""
         if bucket.reprobe_at is None:
             bucket.reprobe_wait = self.reprobe_after
             bucket.reprobe_at = due = bucket.steps + bucket.reprobe_wait
@@ -550,7 +554,8 @@ class AdaptiveDraftLength:
             due = max(bucket.reprobe_at, bucket.reprobe_at - bucket.reprobe_wait
                       + self._reprobe_price(bucket, candidate, batch))
         if bucket.steps < due:
-            bucket.off_until = min(due, bucket.steps + self.probe_every)
+            if bucket.reprobed:
+                bucket.off_until = min(due, bucket.steps + self.probe_every)
             return 0
         bucket.reprobe_wait = min(2 * bucket.reprobe_wait, self.reprobe_max)
         bucket.reprobe_at, bucket.reprobed = bucket.steps + bucket.reprobe_wait, True
