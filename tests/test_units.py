@@ -355,7 +355,8 @@ def test_drafting_off_asks_whether_a_length_pays_once_in_probe_every_steps():
     probe_every (it ran on every step, ~16 us of a 2.2 ms step in the engine). Against
     the same controller asking on every step: the same re-probes, a length that comes
     to pay (plain decoding slows) drafted at most probe_every steps later, and the same
-    choices where a length near the bar goes on and off with noisy step costs."""
+    throughput on average where a length near the bar goes on and off with noisy step
+    costs."""
     class AskingEveryStep(AdaptiveDraftLength):
         def next_draft_len(self, batch):
             for bucket in self.buckets.values():

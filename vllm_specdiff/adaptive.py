@@ -592,8 +592,8 @@ class AdaptiveDraftLength:
         measured in this bucket), and, after a re-probe that kept drafting off, each
         measured probe step's time beyond what its tokens would cost plain, from the
         candidate's own measurement once it covers ``EARLY_ROWS`` rows (times the steps
-        of a whole re-probe, even where they stop early: waits no shorter than before). The first
-        wait after drafting goes off leaves that second part out, so that one
+        of a whole re-probe, even where they stop early: waits no shorter than before).
+        The first wait after drafting goes off leaves that second part out, so that one
         measurement of the drafter (perhaps on unlucky rows) is confirmed before it
         can hold drafting off for long; the catch-up is the machine's cost.
 

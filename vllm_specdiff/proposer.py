@@ -409,7 +409,7 @@ def make_ngram_proposer(vllm_config, gamma: int, sizes: tuple[int, int]):
     proposer = NgramProposer(config)
     # vLLM's constructor means to compile its numba matcher with a call on 1024 empty
     # rows, but rows with no sampled token are skipped before numba is reached, so the
-    # compile (~1.3 s on the 2-core CI machine) fell in the first step that copied: a
+    # compile (1.3 s on a 2-core EPYC) fell in the first step that drafted with it: a
     # stall in serving. One row with a token compiles it here, at engine start, for the
     # argument types the runner passes (int32 arrays; compiled once per process).
     proposer.propose(gamma, [[0]], np.ones(1, dtype=np.int32),
