@@ -57,23 +57,20 @@ def run_specdiff(max_num_seqs, spec=SPEC):
 
     from vllm_specdiff.metrics import from_metrics
 
-    spy = MatcherSpy(ngram_proposer.batch_propose_numba)
-    ngram_proposer.batch_propose_numba = spy
+    spy = ngram_proposer.batch_propose_numba = MatcherSpy(ngram_proposer.batch_propose_numba)
     try:
         llm = LLM(model=str(TARGET), speculative_config=dict(spec),
                   **engine_kwargs(max_num_seqs=max_num_seqs))
+        spy.serving = True
+        try:
+            outputs = generate(llm)
+            stats = from_metrics(llm.get_metrics())
+            proposer = llm.llm_engine.model_executor.driver_worker.worker.model_runner.drafter
+            rows_drafted = dict(proposer.rows_drafted)
+        finally:
+            close_engine(llm)
     finally:
         ngram_proposer.batch_propose_numba = spy.matcher
-    spy.serving = True
-    ngram_proposer.batch_propose_numba = spy
-    try:
-        outputs = generate(llm)
-        stats = from_metrics(llm.get_metrics())
-        proposer = llm.llm_engine.model_executor.driver_worker.worker.model_runner.drafter
-        rows_drafted = dict(proposer.rows_drafted)
-    finally:
-        ngram_proposer.batch_propose_numba = spy.matcher
-        close_engine(llm)
     return outputs, stats, rows_drafted, spy
 
 
