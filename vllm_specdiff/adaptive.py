@@ -379,10 +379,7 @@ class AdaptiveDraftLength:
                 hi = next(m for m in known if m > n)
                 low = arms[lo].seconds
                 cost = max(1e-9, low + (arms[hi].seconds - low) * (n - lo) / (hi - lo))
-            tokens = self._expected[n]
-            if n and arm is not None and arm.rows_seen >= MEASURED_ROWS:
-                tokens = min(tokens, arm.tokens_per_row)
-            rates[n] = batch * tokens / cost
+            rates[n] = batch * self._tokens(arm, n) / cost
         return rates
 
     def _goodput(self, arms: dict[int, Arm], known: list[int], batch: int,
@@ -390,11 +387,16 @@ class AdaptiveDraftLength:
         cost = self._cost(arms, known, draft_len)
         if cost is None:
             return None
-        tokens = self.expected_tokens(draft_len)
-        arm = arms.get(draft_len)
+        return batch * self._tokens(arms.get(draft_len), draft_len) / cost
+
+    def _tokens(self, arm: Arm | None, draft_len: int) -> float:
+        """Tokens per request of a step at this length: the acceptance model's, capped
+        by what the length's own recent steps delivered once they cover
+        ``MEASURED_ROWS`` requests (``goodput`` says why)."""
+        tokens = self._expected[draft_len]
         if draft_len and arm is not None and arm.rows_seen >= MEASURED_ROWS:
             tokens = min(tokens, arm.tokens_per_row)
-        return batch * tokens / cost
+        return tokens
 
     # -- output --------------------------------------------------------------------
 
