@@ -36,8 +36,9 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests -q -m "not slow"
 
-# Every table and plot the README quotes (about 2.5 hours on 2 CPU cores; run nothing
-# else meanwhile). bench-quick: a smaller Spec-Bench grid in under 5 minutes.
+# Every benchmark script at its defaults (about 2.5 hours on 2 CPU cores; run nothing
+# else meanwhile); the README's figures name the result file and command of each.
+# bench-quick: a smaller Spec-Bench grid in under 5 minutes.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/step_profile.py
 	$(BIN)/python benchmarks/floor.py
