@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/schedules.py
 	$(BIN)/python benchmarks/warmup.py
 	$(BIN)/python benchmarks/drafter_context.py
+	$(BIN)/python benchmarks/drafter_linears.py
 	$(BIN)/python benchmarks/context_bench.py
 	$(BIN)/python benchmarks/acceptance.py --target models/tiny-target --mdlm models/tiny-mdlm \
 	    --ar models/tiny-ar-drafter --prompts 32 --new-tokens 64 --out benchmarks/results/acceptance.md

@@ -15,7 +15,9 @@ import torch
 from vllm_specdiff.drafter import DiffusionDrafter
 from vllm_specdiff.loader import (DrafterNotFoundError, load_mdlm, read_config,
                                   resolve_drafter, save_mdlm)
-from vllm_specdiff.model import MDLM, MDLMConfig
+import torch.nn.functional as F
+
+from vllm_specdiff.model import MDLM, MDLMConfig, linear_of, matmul
 
 DEVICE = torch.device(os.environ.get("SPECDIFF_TEST_DEVICE", "cpu"))
 
@@ -83,6 +85,24 @@ def test_folded_inference_weights_compute_what_the_modules_do(attention):
         m.backbone.freeze_conditioning(matmul_dtype=torch.bfloat16)
         assert m.backbone.folded.head[0].dtype == torch.bfloat16
         torch.testing.assert_close(m(ids, block_len=6), reference, atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepacked_linears_multiply_as_f_linear(dtype):
+    """On a CPU the folded linears are reordered once into oneDNN's layout; ``matmul``
+    through them, and its fused GELU, computes what F.linear then F.gelu do, for any
+    number of rows (none included) and for strided inputs."""
+    torch.manual_seed(0)
+    weight, bias = torch.randn(48, 32, device=DEVICE), torch.randn(48, device=DEVICE)
+    linear = linear_of(weight, bias, dtype)
+    assert linear[0].is_mkldnn == (DEVICE.type == "cpu" and torch.backends.mkldnn.is_available())
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
+    for rows in (0, 1, 7):
+        x = torch.randn(rows, 2, 32, device=DEVICE).transpose(0, 1)
+        reference = F.linear(x.to(dtype), weight.to(dtype), bias.to(dtype)).float()
+        torch.testing.assert_close(matmul(x, linear), reference, **tol)
+        torch.testing.assert_close(matmul(x, linear, gelu=True),
+                                   F.gelu(reference, approximate="tanh"), **tol)
 
 
 def test_time_conditioned_drafters_are_not_folded():

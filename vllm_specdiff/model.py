@@ -155,7 +155,7 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale) + shift
 
 
-Linear = tuple[torch.Tensor, "torch.Tensor | None"]  # weight, bias
+Linear = tuple[torch.Tensor, "torch.Tensor | None"]  # weight (maybe prepacked), bias
 
 
 class Folded(NamedTuple):
@@ -195,16 +195,35 @@ def folded_layer_norm(x: torch.Tensor, norm: tuple[torch.Tensor, torch.Tensor]) 
 def linear_of(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
               row_scale: torch.Tensor | None = None) -> Linear:
     """An inference copy of a linear layer's weights in ``dtype``, its output rows
-    scaled by ``row_scale`` (a folded gate)."""
+    scaled by ``row_scale`` (a folded gate); on a CPU, in oneDNN's own layout
+    (``prepacked``)."""
     if row_scale is not None:
         weight = row_scale.float()[:, None] * weight.float()
         bias = None if bias is None else row_scale.float() * bias.float()
-    return weight.to(dtype), None if bias is None else bias.to(dtype)
+    return prepacked(weight.to(dtype)), None if bias is None else bias.to(dtype)
 
 
-def matmul(x: torch.Tensor, linear: Linear) -> torch.Tensor:
-    """``F.linear`` in the weights' dtype, the result in x's."""
-    return F.linear(x.to(linear[0].dtype), *linear).to(x.dtype)
+def prepacked(weight: torch.Tensor) -> torch.Tensor:
+    """A CPU weight reordered once into oneDNN's blocked layout (an opaque mkldnn
+    tensor, the same numbers; ``matmul`` multiplies by it). ``F.linear`` reorders its
+    weight on every call, which at a drafter's few rows costs as much as the multiply:
+    a [12, 256] x [256, 1024] bfloat16 linear takes 67 us through ``F.linear`` and 34
+    us prepacked on a 2-core EPYC (float32: 78 / 52). Other devices keep the tensor."""
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return weight
+    return torch.ops.mkldnn._reorder_linear_weight(weight, None)
+
+
+def matmul(x: torch.Tensor, linear: Linear, gelu: bool = False) -> torch.Tensor:
+    """``F.linear`` in the weights' dtype, the result in x's; ``gelu``: then the
+    tanh-approximated GELU (fused into the multiply for a prepacked weight)."""
+    weight, bias = linear
+    if weight.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(
+            x.to(weight.dtype), weight, bias, "gelu" if gelu else "none", [],
+            "tanh" if gelu else "").to(x.dtype)
+    y = F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
+    return F.gelu(y, approximate="tanh") if gelu else y
 
 
 class DDiTBlock(nn.Module):
@@ -249,7 +268,7 @@ class DDiTBlock(nn.Module):
             k, v = torch.cat((past[0], k), 2), torch.cat((past[1], v), 2)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         x = x + matmul(a.transpose(1, 2).reshape(B, L, d), w.attn_out)
-        h = F.gelu(matmul(folded_layer_norm(x, w.norm2), w.fc1), approximate="tanh")
+        h = matmul(folded_layer_norm(x, w.norm2), w.fc1, gelu=True)
         return x + matmul(h, w.fc2), kv
 
     def forward(self, x, c, cos, sin, attn_mask, past=None):

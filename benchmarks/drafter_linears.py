@@ -1,0 +1,167 @@
+"""A drafting step with the drafter's linears prepacked for oneDNN vs through F.linear.
+
+    python benchmarks/drafter_linears.py [--batches 1 8] [--rounds 6]
+
+On a CPU ``freeze_conditioning`` reorders every folded linear's weight once into
+oneDNN's blocked layout (``model.prepacked``); ``F.linear`` would reorder it on every
+call. Both drafters are built in this one process from the same checkpoint (the
+reference with ``prepacked`` switched off) and timed in interleaved rounds, the way
+the proposer runs them in a decode step with the default settings (``context_window``
+and ``drafter_cache`` 'auto': the drafter cache for block-causal drafters): each step
+drafts gamma tokens per request, then every context grows by ``--accepted`` + 1 tokens; a 16 MiB buffer is
+written between steps, as the target's forward would evict the drafter's weights.
+
+Cells: median ms per drafting step (median of ``--steps`` steps per round, median
+[min-max] over rounds) and the median of per-round ratios. Result:
+benchmarks/results/drafter_linears{_LABEL}.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.spec_bench import environment  # noqa: E402
+from vllm_specdiff import model as mdlm_model  # noqa: E402
+from vllm_specdiff.config import SpecDiffConfig  # noqa: E402
+from vllm_specdiff.drafter import CachedCanvasArgs, DiffusionDrafter  # noqa: E402
+from vllm_specdiff.drafter_cache import DrafterCache  # noqa: E402
+from vllm_specdiff.loader import drafter_dtypes, load_mdlm  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+DRAFTERS = ("tiny-mdlm", "tiny-mdlm-block-causal", "small-mdlm")
+ARMS = ("F.linear", "prepacked")
+
+
+def build(name: str, arm: str, batch: int,
+          gamma: int) -> tuple[DiffusionDrafter, DrafterCache | None]:
+    """The drafter (and its cache) as the proposer builds it with default settings."""
+    cpu = torch.device("cpu")
+    dtype, matmul_dtype = drafter_dtypes("auto", torch.float32, cpu)
+    prepacked = mdlm_model.prepacked
+    if arm == "F.linear":
+        mdlm_model.prepacked = lambda weight: weight
+    try:
+        model = load_mdlm(ROOT / "models" / name, device=cpu, dtype=dtype)
+        window = min(SpecDiffConfig().window_for(model.config) or model.config.model_length,
+                     model.config.model_length - gamma)
+        drafter = DiffusionDrafter(model, 1, "left_to_right", context_window=window,
+                                   max_positions=4096, matmul_dtype=matmul_dtype)
+    finally:
+        mdlm_model.prepacked = prepacked
+    block_causal = model.config.attention == "block_causal"
+    cache = DrafterCache(model.config, batch, window, dtype) if block_causal else None
+    return drafter, cache
+
+
+def time_round(drafter: DiffusionDrafter, cache: DrafterCache | None, batch: int,
+               args, seed: int, evict: torch.Tensor) -> float:
+    """Median seconds of a drafting step over one round of ``args.steps`` steps."""
+    rng = np.random.default_rng(seed)
+    vocab = drafter.mask_id
+    contexts = [list(rng.integers(0, vocab, size=args.prompt_tokens)) for _ in range(batch)]
+    req_ids = [f"r{seed}-{i}" for i in range(batch)]
+    block_causal = drafter.model.config.attention == "block_causal"
+    times = []
+    for step in range(args.steps + 2):  # the first steps encode whole prompts: untimed
+        cached = None if cache is None else CachedCanvasArgs(
+            cache, cache.slots_for(req_ids), block_causal, None)
+        evict.add_(1.0)
+        start = time.perf_counter()
+        draft = drafter.draft(contexts, args.gamma, None, None, cached=cached)
+        if step >= 2:
+            times.append(time.perf_counter() - start)
+        for c, toks in zip(contexts, draft.tokens[:, : args.accepted].tolist()):
+            c.extend([*toks, int(rng.integers(0, vocab))])
+    if cache is not None:
+        cache.release(req_ids)
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--drafters", nargs="+", default=list(DRAFTERS), choices=DRAFTERS)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--gamma", type=int, default=8)
+    p.add_argument("--accepted", type=int, default=3, help="draft tokens accepted per step")
+    p.add_argument("--prompt-tokens", type=int, default=100)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--label", default="")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if not torch.backends.mkldnn.is_available():
+        p.error("this torch has no oneDNN (mkldnn): nothing is prepacked")
+    evict = torch.zeros(4 * 2**20)  # 16 MiB
+    cells = []
+    for name in args.drafters:
+        for batch in args.batches:
+            arms = {arm: build(name, arm, batch, args.gamma) for arm in ARMS}
+            ms = {arm: [] for arm in ARMS}
+            with torch.inference_mode():
+                for r in range(args.rounds):
+                    for arm in (ARMS if r % 2 == 0 else ARMS[::-1]):
+                        ms[arm].append(time_round(*arms[arm], batch, args, r, evict) * 1e3)
+            ratios = [b / a for a, b in zip(ms["F.linear"], ms["prepacked"])]
+            drafter, cache = arms["prepacked"]
+            cells.append({"drafter": name, "window": drafter.context_window,
+                          "cache": cache is not None, "batch": batch,
+                          **ms, "ratio": statistics.median(ratios)})
+            print(f"{name} batch {batch}: " + ", ".join(
+                f"{arm} {statistics.median(ms[arm]):.2f} ms" for arm in ARMS)
+                + f", prepacked / F.linear {cells[-1]['ratio']:.2f}", flush=True)
+    env = environment("drafter_linears.py", sys.argv[1:] if argv is None else argv)
+    env["settings"] = vars(args)
+    out = RESULTS / ("drafter_linears" + (f"_{args.label}" if args.label else ""))
+    out.with_suffix(".json").write_text(json.dumps({"env": env, "cells": cells}, indent=2) + "\n")
+    out.with_suffix(".md").write_text(report(cells, env, args))
+    print(f"wrote {out}.md")
+    return 0
+
+
+def cell(ms: list[float]) -> str:
+    return f"{statistics.median(ms):.2f} [{min(ms):.2f}-{max(ms):.2f}]"
+
+
+def report(cells, env, args) -> str:
+    lines = [
+        "# A drafting step: linears prepacked for oneDNN vs through F.linear",
+        "",
+        f"Command: `{env['command']}`  ",
+        f"Commit: {env['commit']}  ",
+        f"Date: {env['date']}  ",
+        f"Machine: {env['cpu']}, {env['cores']} cores, torch threads {args.threads}",
+        "",
+        f"One process, both drafters built from the same checkpoint (dtype and matmul "
+        f"dtype as `drafter_dtype: auto` picks for a float32 target here), T = 1, gamma "
+        f"{args.gamma}, prompts of {args.prompt_tokens} tokens growing by "
+        f"{args.accepted} + 1 a step, a 16 MiB buffer written between steps. Cells: "
+        f"median ms per drafting step ({args.steps} steps a round), median [min-max] of "
+        f"{args.rounds} interleaved rounds; ratio: median of per-round ratios.",
+        "",
+        "| drafter | context | batch | F.linear ms | prepacked ms | prepacked / F.linear |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for c in cells:
+        how = (f"drafter cache, last {c['window']} tokens" if c["cache"]
+               else f"last {c['window']} tokens, re-encoded every pass")
+        lines.append(f"| {c['drafter']} | {how} | {c['batch']} | {cell(c['F.linear'])} | "
+                     f"{cell(c['prepacked'])} | {c['ratio']:.2f}x |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
