@@ -42,9 +42,12 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def time_steps(drafter: DiffusionDrafter, batch: int, context_len: int, gamma: int,
-               accepted: int, steps: int, cache: DrafterCache | None, seed: int) -> float:
+               accepted: int, steps: int, cache: DrafterCache | None, seed: int,
+               evict: torch.Tensor | None = None) -> float:
     """Median seconds of one drafting step; contexts start at ``context_len`` tokens and
-    grow by ``accepted`` + 1 a step (the window path sees the last ``context_len``)."""
+    grow by ``accepted`` + 1 a step (the window path sees the last ``context_len``).
+    ``evict``: a buffer written before each step (as a target's forward would evict
+    the drafter's weights from the caches)."""
     rng = np.random.default_rng(seed)
     vocab = drafter.mask_id
     contexts = [list(rng.integers(0, vocab, size=context_len)) for _ in range(batch)]
@@ -55,6 +58,8 @@ def time_steps(drafter: DiffusionDrafter, batch: int, context_len: int, gamma: i
         if cache is not None:
             cached = CachedCanvasArgs(cache, cache.slots_for(req_ids),
                                       drafter.model.config.attention == "block_causal", None)
+        if evict is not None:
+            evict.add_(1.0)
         start = time.perf_counter()
         draft = drafter.draft(contexts, gamma, None, None, cached=cached)
         elapsed = time.perf_counter() - start

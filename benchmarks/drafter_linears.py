@@ -22,19 +22,18 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.drafter_context import time_steps  # noqa: E402
 from benchmarks.spec_bench import environment  # noqa: E402
 from vllm_specdiff import model as mdlm_model  # noqa: E402
 from vllm_specdiff.config import SpecDiffConfig  # noqa: E402
-from vllm_specdiff.drafter import CachedCanvasArgs, DiffusionDrafter  # noqa: E402
+from vllm_specdiff.drafter import DiffusionDrafter  # noqa: E402
 from vllm_specdiff.drafter_cache import DrafterCache  # noqa: E402
 from vllm_specdiff.loader import drafter_dtypes, load_mdlm  # noqa: E402
 
@@ -64,30 +63,6 @@ def build(name: str, arm: str, batch: int,
     return drafter, cache
 
 
-def time_round(drafter: DiffusionDrafter, cache: DrafterCache | None, batch: int,
-               args, seed: int, evict: torch.Tensor) -> float:
-    """Median seconds of a drafting step over one round of ``args.steps`` steps."""
-    rng = np.random.default_rng(seed)
-    vocab = drafter.mask_id
-    contexts = [list(rng.integers(0, vocab, size=args.prompt_tokens)) for _ in range(batch)]
-    req_ids = [f"r{seed}-{i}" for i in range(batch)]
-    block_causal = drafter.model.config.attention == "block_causal"
-    times = []
-    for step in range(args.steps + 2):  # the first steps encode whole prompts: untimed
-        cached = None if cache is None else CachedCanvasArgs(
-            cache, cache.slots_for(req_ids), block_causal, None)
-        evict.add_(1.0)
-        start = time.perf_counter()
-        draft = drafter.draft(contexts, args.gamma, None, None, cached=cached)
-        if step >= 2:
-            times.append(time.perf_counter() - start)
-        for c, toks in zip(contexts, draft.tokens[:, : args.accepted].tolist()):
-            c.extend([*toks, int(rng.integers(0, vocab))])
-    if cache is not None:
-        cache.release(req_ids)
-    return statistics.median(times)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -113,7 +88,10 @@ def main(argv=None) -> int:
             with torch.inference_mode():
                 for r in range(args.rounds):
                     for arm in (ARMS if r % 2 == 0 else ARMS[::-1]):
-                        ms[arm].append(time_round(*arms[arm], batch, args, r, evict) * 1e3)
+                        drafter, cache = arms[arm]
+                        ms[arm].append(time_steps(drafter, batch, args.prompt_tokens, args.gamma,
+                                                  args.accepted, args.steps, cache, seed=r,
+                                                  evict=evict) * 1e3)
             ratios = [b / a for a, b in zip(ms["F.linear"], ms["prepacked"])]
             drafter, cache = arms["prepacked"]
             cells.append({"drafter": name, "window": drafter.context_window,
