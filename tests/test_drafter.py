@@ -11,12 +11,11 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from vllm_specdiff.drafter import DiffusionDrafter
 from vllm_specdiff.loader import (DrafterNotFoundError, load_mdlm, read_config,
                                   resolve_drafter, save_mdlm)
-import torch.nn.functional as F
-
 from vllm_specdiff.model import MDLM, MDLMConfig, linear_of, matmul
 
 DEVICE = torch.device(os.environ.get("SPECDIFF_TEST_DEVICE", "cpu"))
