@@ -3,13 +3,14 @@
     python benchmarks/drafter_linears.py [--batches 1 8] [--rounds 6]
 
 On a CPU ``freeze_conditioning`` reorders every folded linear's weight once into
-oneDNN's blocked layout (``model.prepacked``); ``F.linear`` would reorder it on every
+oneDNN's blocked layout (``model.prepacked``); ``F.linear`` packs it anew on every
 call. Both drafters are built in this one process from the same checkpoint (the
 reference with ``prepacked`` switched off) and timed in interleaved rounds, the way
 the proposer runs them in a decode step with the default settings (``context_window``
 and ``drafter_cache`` 'auto': the drafter cache for block-causal drafters): each step
-drafts gamma tokens per request, then every context grows by ``--accepted`` + 1 tokens; a 16 MiB buffer is
-written between steps, as the target's forward would evict the drafter's weights.
+drafts gamma tokens per request, then every context grows by ``--accepted`` + 1
+tokens; a 16 MiB buffer is written between steps, as the target's forward would
+evict the drafter's weights.
 
 Cells: median ms per drafting step (median of ``--steps`` steps per round, median
 [min-max] over rounds) and the median of per-round ratios. Result:
