@@ -41,26 +41,30 @@ from vllm_specdiff.loader import drafter_dtypes, load_mdlm  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 DRAFTERS = ("tiny-mdlm", "tiny-mdlm-block-causal", "small-mdlm")
 ARMS = ("F.linear", "prepacked")
+DEFAULTS = SpecDiffConfig()
+MAX_MODEL_LEN = 4096  # the engine's limit the proposer would see: above every context here
 
 
 def build(name: str, arm: str, batch: int,
           gamma: int) -> tuple[DiffusionDrafter, DrafterCache | None]:
     """The drafter (and its cache) as the proposer builds it with default settings."""
+    defaults = DEFAULTS._replace(num_speculative_tokens=gamma)
     cpu = torch.device("cpu")
-    dtype, matmul_dtype = drafter_dtypes("auto", torch.float32, cpu)
+    dtype, matmul_dtype = drafter_dtypes(defaults.drafter_dtype, torch.float32, cpu)
     prepacked = mdlm_model.prepacked
     if arm == "F.linear":
         mdlm_model.prepacked = lambda weight: weight
     try:
         model = load_mdlm(ROOT / "models" / name, device=cpu, dtype=dtype)
-        window = min(SpecDiffConfig().window_for(model.config) or model.config.model_length,
-                     model.config.model_length - gamma)
-        drafter = DiffusionDrafter(model, 1, "left_to_right", context_window=window,
-                                   max_positions=4096, matmul_dtype=matmul_dtype)
+        window = defaults.drafter_window(model.config, MAX_MODEL_LEN)
+        drafter = DiffusionDrafter(model, defaults.diffusion_steps, defaults.schedule,
+                                   context_window=window,
+                                   max_positions=MAX_MODEL_LEN + gamma + 1,
+                                   matmul_dtype=matmul_dtype)
     finally:
         mdlm_model.prepacked = prepacked
-    block_causal = model.config.attention == "block_causal"
-    cache = DrafterCache(model.config, batch, window, dtype) if block_causal else None
+    cache = (DrafterCache(model.config, batch, window, dtype)
+             if defaults.uses_drafter_cache(model.config) else None)
     return drafter, cache
 
 
@@ -124,7 +128,7 @@ def report(cells, env, args) -> str:
         f"Machine: {env['cpu']}, {env['cores']} cores, torch threads {args.threads}",
         "",
         f"One process, both drafters built from the same checkpoint (dtype and matmul "
-        f"dtype as `drafter_dtype: auto` picks for a float32 target here), T = 1, gamma "
+        f"dtype as `drafter_dtype: auto` picks for a float32 target here), T = {DEFAULTS.diffusion_steps}, gamma "
         f"{args.gamma}, prompts of {args.prompt_tokens} tokens growing by "
         f"{args.accepted} + 1 a step, a 16 MiB buffer written between steps. Cells: "
         f"median ms per drafting step ({args.steps} steps a round), median [min-max] of "

@@ -802,6 +802,17 @@ def test_null_context_window_means_the_whole_context_not_the_default():
     assert SpecDiffConfig.from_user({"method": "specdiff", "context_window": None}).context_window is None
 
 
+def test_drafter_cache_setting_says_which_drafters_are_cached():
+    from vllm_specdiff.model import MDLMConfig
+
+    bidirectional, block_causal = MDLMConfig(), MDLMConfig(attention="block_causal")
+    cached = {mode: [SpecDiffConfig.from_user({"method": "specdiff", "drafter_cache": mode})
+                     .uses_drafter_cache(c) for c in (bidirectional, block_causal)]
+              for mode in ("auto", "exact", "approximate", "off")}
+    assert cached == {"auto": [False, True], "exact": [False, True],
+                      "approximate": [True, True], "off": [False, False]}
+
+
 def test_auto_context_window_is_the_drafters_own():
     from vllm_specdiff.model import MDLMConfig
 
@@ -811,6 +822,11 @@ def test_auto_context_window_is_the_drafters_own():
     assert auto.window_for(MDLMConfig(draft_context_window=48)) == 48
     named = SpecDiffConfig.from_user({"method": "specdiff", "context_window": 32})
     assert named.window_for(MDLMConfig(draft_context_window=None)) == 32
+    # The W a drafter runs with leaves room for the draft block and fits the engine.
+    whole = MDLMConfig(model_length=256, draft_context_window=None)
+    assert auto.drafter_window(whole, max_model_len=1024) == 256 - auto.gamma
+    assert auto.drafter_window(whole, max_model_len=100) == 100
+    assert named.drafter_window(whole, max_model_len=1024) == 32
     with pytest.raises(SpecDiffConfigError, match="context_window='whole' is invalid"):
         SpecDiffConfig.from_user({"method": "specdiff", "context_window": "whole"})
     # elsewhere null still means the default

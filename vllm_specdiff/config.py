@@ -96,6 +96,19 @@ class SpecDiffConfig(NamedTuple):
             return drafter_config.draft_context_window
         return self.context_window
 
+    def drafter_window(self, drafter_config, max_model_len: int) -> int:
+        """The W the drafter runs with: ``window_for`` (the whole context when None),
+        leaving the drafter's ``model_length`` room for the draft block, and no longer
+        than the engine's ``max_model_len``."""
+        return min(self.window_for(drafter_config) or drafter_config.model_length,
+                   drafter_config.model_length - self.gamma, max_model_len)
+
+    def uses_drafter_cache(self, drafter_config) -> bool:
+        """'approximate' caches any drafter; 'auto' and 'exact' cache block-causal ones
+        (exactly); 'off' none."""
+        return self.drafter_cache == "approximate" or (
+            self.drafter_cache != "off" and drafter_config.attention == "block_causal")
+
     @classmethod
     def from_user(cls, settings: dict) -> "SpecDiffConfig":
         """Validate the user's speculative_config dict (``method`` already 'specdiff')."""

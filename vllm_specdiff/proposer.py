@@ -128,11 +128,7 @@ class SpecDiffProposer:
         dtype, matmul_dtype = drafter_dtypes(self.config.drafter_dtype, self.target_dtype, device)
         model = load_mdlm(self.config.drafter_path, device=device, dtype=dtype)
         gamma = self.config.gamma
-        block_causal = model.config.attention == "block_causal"
-        mode = self.config.drafter_cache
-        use_cache = mode == "approximate" or (mode != "off" and block_causal)
-        window = min(self.config.window_for(model.config) or model.config.model_length,
-                     model.config.model_length - gamma, self.max_model_len)
+        window = self.config.drafter_window(model.config, self.max_model_len)
         self.drafter = DiffusionDrafter(
             model,
             steps=self.config.diffusion_steps,
@@ -142,9 +138,9 @@ class SpecDiffProposer:
             max_positions=self.max_model_len + gamma + 1,
             matmul_dtype=matmul_dtype,
         )
-        if use_cache:
+        if self.config.uses_drafter_cache(model.config):
             self.adaptive.catch_up = True
-            self.exact_cache = block_causal
+            self.exact_cache = model.config.attention == "block_causal"
             self.cache = make_drafter_cache(
                 model.config, self.vllm_config.scheduler_config.max_num_seqs, window, dtype,
                 device)
