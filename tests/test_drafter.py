@@ -76,10 +76,16 @@ def test_folded_inference_weights_compute_what_the_modules_do(attention):
     m = small_mdlm()
     m.config.attention = attention
     ids = torch.randint(0, 100, (3, 20))
+    real = torch.ones(3, 20, dtype=torch.bool)
+    real[1, :5] = False  # a left-padded row
     with torch.inference_mode():
         reference = m(ids, block_len=6)
+        padded = m(ids, key_padding_mask=real, block_len=6)
         m.backbone.freeze_conditioning()
         torch.testing.assert_close(m(ids, block_len=6), reference, atol=1e-5, rtol=1e-5)
+        # Scoring only some of the tail, the last block runs for those columns alone.
+        torch.testing.assert_close(m(ids, key_padding_mask=real, block_len=6, num_last=6,
+                                     num_scored=4), padded[:, -6:-2], atol=1e-5, rtol=1e-5)
         # Weights multiplied in bfloat16: the same function at bfloat16's precision.
         m.backbone.freeze_conditioning(matmul_dtype=torch.bfloat16)
         assert m.backbone.folded.head[0].dtype == torch.bfloat16

@@ -257,8 +257,12 @@ class DDiTBlock(nn.Module):
             linear_of(fc1.weight, fc1.bias, matmul_dtype),
             linear_of(fc2.weight, fc2.bias, matmul_dtype, gate_mlp))
 
-    def forward_folded(self, x, w: Folded, cos, sin, attn_mask, past=None):
-        """``forward`` with the modulation folded into the weights (inference only)."""
+    def forward_folded(self, x, w: Folded, cos, sin, attn_mask, past=None,
+                       rows: slice | None = None):
+        """``forward`` with the modulation folded into the weights (inference only).
+        ``rows``: the columns whose output is wanted (the last block's, when only the
+        draft block is scored); every column's keys and values are still computed,
+        the attention and MLP run for ``rows`` only, and only they are returned."""
         B, L, d = x.shape
         qkv = matmul(folded_layer_norm(x, w.norm1), w.qkv)
         qkv = qkv.view(B, L, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
@@ -267,8 +271,12 @@ class DDiTBlock(nn.Module):
         kv = (k, v)
         if past is not None:
             k, v = torch.cat((past[0], k), 2), torch.cat((past[1], v), 2)
+        if rows is not None:
+            x, q = x[:, rows], q[:, :, rows]
+            if attn_mask is not None and attn_mask.shape[-2] > 1:
+                attn_mask = attn_mask[..., rows, :]
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        x = x + matmul(a.transpose(1, 2).reshape(B, L, d), w.attn_out)
+        x = x + matmul(a.transpose(1, 2).reshape(B, x.shape[1], d), w.attn_out)
         h = matmul(folded_layer_norm(x, w.norm2), w.fc1, gelu=True)
         return x + matmul(h, w.fc2), kv
 
@@ -362,17 +370,24 @@ class DITBackbone(nn.Module):
                 sigma = torch.zeros_like(sigma)
             c = F.silu(self.sigma_map(sigma))
         cos, sin = self.rotary_emb.cos_sin(positions)
+        # Drafting only needs logits of the masked tail (of it, the scored columns).
+        scored = None
+        if num_last is not None:
+            start = L - num_last
+            scored = slice(start, L if num_scored is None else start + num_scored)
+        last = len(self.blocks) - 1
         for layer, block in enumerate(self.blocks):
             cached = None if past is None else past.read(layer)
             if folded is None:
                 x, kv = block(x, c, cos, sin, attn_mask, past=cached)
             else:
-                x, kv = block.forward_folded(x, folded.blocks[layer], cos, sin, attn_mask, cached)
+                # The last block's other columns feed nothing but their keys and values.
+                x, kv = block.forward_folded(x, folded.blocks[layer], cos, sin, attn_mask,
+                                             cached, scored if layer == last else None)
             if past is not None:
                 past.write(layer, *kv)
-        if num_last is not None:  # drafting only needs logits of the masked tail
-            start = L - num_last
-            x = x[:, start : L if num_scored is None else start + num_scored]
+        if scored is not None and folded is None:
+            x = x[:, scored]
         if folded is None:
             return self.output_layer(x, c)
         return self.output_layer.forward_folded(x, folded.norm_final, folded.head)
