@@ -1,25 +1,32 @@
-"""A drafting step with the drafter's linears prepacked for oneDNN vs through F.linear.
+"""A drafting step: what the drafter's linears multiply, and how.
 
     python benchmarks/drafter_linears.py [--batches 1 8] [--rounds 6]
 
-On a CPU ``freeze_conditioning`` reorders every folded linear's weight once into
-oneDNN's blocked layout (``model.prepacked``); ``F.linear`` packs it anew on every
-call. Both drafters are built in this one process from the same checkpoint (the
-reference with ``prepacked`` switched off) and timed in interleaved rounds, the way
-the proposer runs them in a decode step with the default settings (``context_window``
-and ``drafter_cache`` 'auto': the drafter cache for block-causal drafters): each step
-drafts gamma tokens per request, then every context grows by ``--accepted`` + 1
-tokens; a 16 MiB buffer is written between steps, as the target's forward would
-evict the drafter's weights.
+Three builds of each embedded drafter, in this one process from the same checkpoint:
+
+- ``F.linear``: every block over every canvas column, weights packed anew by
+  ``F.linear`` on every call (the plugin before stop 38);
+- ``prepacked``: the same, the folded linears' weights reordered once into oneDNN's
+  blocked layout (``model.prepacked``, what ``freeze_conditioning`` does on a CPU);
+- ``scored only``: prepacked, and the last block runs its attention and MLP for the
+  scored draft columns only (the other columns feed nothing but their keys and
+  values; ``DDiTBlock.forward_folded``'s ``rows``): what the plugin does now.
+
+They are timed in interleaved rounds the way the proposer runs them in a decode step
+with the default settings (``context_window`` and ``drafter_cache`` 'auto': the drafter
+cache for block-causal drafters): each step drafts gamma tokens per request, then every
+context grows by ``--accepted`` + 1 tokens; a 16 MiB buffer is written between steps,
+as the target's forward would evict the drafter's weights.
 
 Cells: median ms per drafting step (median of ``--steps`` steps per round, median
-[min-max] over rounds) and the median of per-round ratios. Result:
-benchmarks/results/drafter_linears{_LABEL}.{md,json}.
+[min-max] over rounds) and the median of per-round ratios: prepacked / F.linear, and
+scored only / prepacked. Result: benchmarks/results/drafter_linears{_LABEL}.{md,json}.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -40,7 +47,8 @@ from vllm_specdiff.loader import drafter_dtypes, load_mdlm  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 DRAFTERS = ("tiny-mdlm", "tiny-mdlm-block-causal", "small-mdlm")
-ARMS = ("F.linear", "prepacked")
+ARMS = ("F.linear", "prepacked", "scored only")
+RATIOS = (("prepacked", "F.linear"), ("scored only", "prepacked"))
 DEFAULTS = SpecDiffConfig()
 MAX_MODEL_LEN = 4096  # the engine's limit the proposer would see: above every context here
 
@@ -56,6 +64,9 @@ def build(name: str, arm: str, batch: int,
         mdlm_model.prepacked = lambda weight: weight
     try:
         model = load_mdlm(ROOT / "models" / name, device=cpu, dtype=dtype)
+        if arm != "scored only":
+            for block in model.backbone.blocks:
+                block.forward_folded = functools.partial(every_column, block.forward_folded)
         window = defaults.drafter_window(model.config, MAX_MODEL_LEN)
         drafter = DiffusionDrafter(model, defaults.diffusion_steps, defaults.schedule,
                                    context_window=window,
@@ -66,6 +77,12 @@ def build(name: str, arm: str, batch: int,
     cache = (DrafterCache(model.config, batch, window, dtype)
              if defaults.uses_drafter_cache(model.config) else None)
     return drafter, cache
+
+
+def every_column(forward_folded, *args, rows=None):
+    """A block's folded forward over every column, then the ``rows`` asked for."""
+    out, kv = forward_folded(*args)
+    return (out if rows is None else out[:, rows]), kv
 
 
 def main(argv=None) -> int:
@@ -97,14 +114,14 @@ def main(argv=None) -> int:
                         ms[arm].append(time_steps(drafter, batch, args.prompt_tokens, args.gamma,
                                                   args.accepted, args.steps, cache, seed=r,
                                                   evict=evict) * 1e3)
-            ratios = [b / a for a, b in zip(ms["F.linear"], ms["prepacked"])]
-            drafter, cache = arms["prepacked"]
+            drafter, cache = arms["scored only"]
             cells.append({"drafter": name, "window": drafter.context_window,
-                          "cache": cache is not None, "batch": batch,
-                          **ms, "ratio": statistics.median(ratios)})
+                          "cache": cache is not None, "batch": batch, **ms,
+                          "ratios": {f"{a} / {b}": statistics.median(
+                              [x / y for x, y in zip(ms[a], ms[b])]) for a, b in RATIOS}})
             print(f"{name} batch {batch}: " + ", ".join(
-                f"{arm} {statistics.median(ms[arm]):.2f} ms" for arm in ARMS)
-                + f", prepacked / F.linear {cells[-1]['ratio']:.2f}", flush=True)
+                f"{arm} {statistics.median(ms[arm]):.2f} ms" for arm in ARMS) + ", " + ", ".join(
+                f"{k} {v:.2f}" for k, v in cells[-1]["ratios"].items()), flush=True)
     env = environment("drafter_linears.py", sys.argv[1:] if argv is None else argv)
     env["settings"] = vars(args)
     out = RESULTS / ("drafter_linears" + (f"_{args.label}" if args.label else ""))
@@ -120,28 +137,35 @@ def cell(ms: list[float]) -> str:
 
 def report(cells, env, args) -> str:
     lines = [
-        "# A drafting step: linears prepacked for oneDNN vs through F.linear",
+        "# A drafting step: linears through F.linear, prepacked for oneDNN, and the last "
+        "block over the scored columns only",
         "",
         f"Command: `{env['command']}`  ",
         f"Commit: {env['commit']}  ",
         f"Date: {env['date']}  ",
         f"Machine: {env['cpu']}, {env['cores']} cores, torch threads {args.threads}",
         "",
-        f"One process, both drafters built from the same checkpoint (dtype and matmul "
+        f"One process, the three builds of each drafter from the same checkpoint (dtype and matmul "
         f"dtype as `drafter_dtype: auto` picks for a float32 target here), T = {DEFAULTS.diffusion_steps}, gamma "
         f"{args.gamma}, prompts of {args.prompt_tokens} tokens growing by "
         f"{args.accepted} + 1 a step, a 16 MiB buffer written between steps. Cells: "
         f"median ms per drafting step ({args.steps} steps a round), median [min-max] of "
         f"{args.rounds} interleaved rounds; ratio: median of per-round ratios.",
         "",
-        "| drafter | context | batch | F.linear ms | prepacked ms | prepacked / F.linear |",
-        "|---|---|---:|---:|---:|---:|",
+        "Builds: `F.linear` and `prepacked` run every block over every canvas column; "
+        "`scored only` (prepacked too) runs the last block's attention and MLP for the "
+        "scored draft columns only, as the plugin does.",
+        "",
+        "| drafter | context | batch | " + " | ".join(f"{a} ms" for a in ARMS) + " | "
+        + " | ".join(f"{a} / {b}" for a, b in RATIOS) + " |",
+        "|---|---|---:|" + "---:|" * (len(ARMS) + len(RATIOS)),
     ]
     for c in cells:
         how = (f"drafter cache, last {c['window']} tokens" if c["cache"]
                else f"last {c['window']} tokens, re-encoded every pass")
-        lines.append(f"| {c['drafter']} | {how} | {c['batch']} | {cell(c['F.linear'])} | "
-                     f"{cell(c['prepacked'])} | {c['ratio']:.2f}x |")
+        lines.append(f"| {c['drafter']} | {how} | {c['batch']} | "
+                     + " | ".join(cell(c[a]) for a in ARMS) + " | "
+                     + " | ".join(f"{v:.2f}x" for v in c["ratios"].values()) + " |")
     lines.append("")
     return "\n".join(lines)
 

@@ -383,7 +383,7 @@ class DITBackbone(nn.Module):
             else:
                 # The last block's other columns feed nothing but their keys and values.
                 x, kv = block.forward_folded(x, folded.blocks[layer], cos, sin, attn_mask,
-                                             cached, scored if layer == last else None)
+                                             cached, rows=scored if layer == last else None)
             if past is not None:
                 past.write(layer, *kv)
         if scored is not None and folded is None:
