@@ -160,7 +160,8 @@ def switch_drafting_off():
     return switch_back
 
 
-def engine_process(conn, method: Method, max_num_seqs: int) -> None:
+def engine_process(conn, method: Method, max_num_seqs: int,
+                   max_model_len: int = MAX_MODEL_LEN) -> None:
     """Owns one in-process vLLM engine; runs timed generations when asked."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -172,7 +173,7 @@ def engine_process(conn, method: Method, max_num_seqs: int) -> None:
     if method.family == "specdiff-off":  # the floor: specdiff's engine, drafting switched off
         switch_drafting_off()
     llm = LLM(model=method.target, speculative_config=method.speculative_config,
-              max_num_seqs=max_num_seqs, max_model_len=MAX_MODEL_LEN,
+              max_num_seqs=max_num_seqs, max_model_len=max_model_len,
               kv_cache_memory_bytes=KV_CACHE_BYTES,
               **{k: v for k, v in cpu_engine_defaults().items() if k != "gpu_memory_utilization"})
     core = llm.llm_engine.engine_core.engine_core
@@ -267,13 +268,15 @@ def generate_with_arrivals(llm, inputs, params, after_tokens: int):
 class Engines:
     """One engine process per method, started together, stopped together."""
 
-    def __init__(self, methods: list[Method], max_num_seqs: int):
+    def __init__(self, methods: list[Method], max_num_seqs: int,
+                 max_model_len: int = MAX_MODEL_LEN):
         ctx = mp.get_context("spawn")
         self.methods = methods
         self.conns, self.procs = {}, {}
         for m in methods:
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=engine_process, args=(child, m, max_num_seqs), daemon=True)
+            proc = ctx.Process(target=engine_process, daemon=True,
+                               args=(child, m, max_num_seqs, max_model_len))
             proc.start()
             self.conns[m.name], self.procs[m.name] = parent, proc
         for m in methods:
@@ -373,14 +376,16 @@ def groups_of(methods: list[Method], size: int) -> list[list[Method]]:
 def run_grid(methods, prompts, batches, temperatures, repeats, max_tokens, log,
              max_engines: int, min_prompts: int = 7) -> list[dict]:
     """Every (batch, temperature, method) cell, 3b prompts (at least ``min_prompts``)
-    per run; the plain row is the first group's."""
+    per run; the plain row is the first group's. Engines hold ``MAX_MODEL_LEN`` tokens
+    per sequence, or the longest prompt plus ``max_tokens`` where that is more."""
+    max_model_len = max(MAX_MODEL_LEN, max(len(ids) for _, ids in prompts) + max_tokens)
     cells = []
     for batch in batches:
         cell_prompts = [ids for _, ids in prompts[: max(3 * batch, min_prompts)]]
         for g, group in enumerate(groups_of(methods, max_engines)):
             log(f"batch {batch}: starting {len(group)} engines (max_num_seqs={batch}), "
                 f"{len(cell_prompts)} prompts per run")
-            engines = Engines(group, batch)
+            engines = Engines(group, batch, max_model_len)
             try:
                 for temperature in temperatures:
                     runs = run_rounds(engines, group, cell_prompts, max_tokens, temperature,
