@@ -13,9 +13,9 @@ Where spec_bench.py mixes Spec-Bench categories and lets specdiff's adaptive dra
 length choose, this measures each drafter as trained: specdiff at fixed gamma and T
 (``adaptive: false``, every draft from the MDLM: ``prompt_lookup_min: 0``; with the drafter's own context window (``auto``), with a
 16-token window, and with the drafter in bfloat16), specdiff's defaults (adaptive, with
-and without prompt lookup), vLLM's ``draft_model``
+prompt lookup off and copying after any match), vLLM's ``draft_model``
 with the pair's AR drafter at each gamma (argmax drafts, and at gamma 4 and 8 drafts
-sampled from its q with q verified), and ``ngram``. Prompts: the first ``--prompt-tokens`` tokens
+sampled from its q with q verified), and ``ngram`` g4 and g8. Prompts: the first ``--prompt-tokens`` tokens
 of held-out TinyStories stories (the v1 valid slice, never trained on). Protocol
 (spec_bench.py's): engines in their own processes, an untimed warm-up round, then
 ``--repeats`` interleaved rounds; cells are median [min-max]; speedups are per-round
@@ -61,9 +61,10 @@ def methods(quick: bool):
             specdiff(16, 2, **fixed), specdiff(8, 1, context_window=16, **fixed),
             specdiff(8, 1, drafter_dtype="bfloat16", **fixed),
             specdiff(8, 1, drafter_dtype="float32", **fixed),
-            specdiff(8, 1), specdiff(8, 1, **MDLM_ONLY), draft_model(2), draft_model(4),
-            draft_model(8),
-            draft_model(4, probabilistic=True), draft_model(8, probabilistic=True), ngram(4)]
+            specdiff(8, 1), specdiff(8, 1, **MDLM_ONLY), specdiff(8, 1, prompt_lookup_min=1),
+            draft_model(2), draft_model(4), draft_model(8),
+            draft_model(4, probabilistic=True), draft_model(8, probabilistic=True), ngram(4),
+            ngram(8)]
 
 
 def drafter_methods(folders: list[Path], ar_folders: list[Path]):
