@@ -145,8 +145,9 @@ def report(cells, env, args) -> str:
         f"Date: {env['date']}  ",
         f"Machine: {env['cpu']}, {env['cores']} cores, torch threads {args.threads}",
         "",
-        f"One process, the three builds of each drafter from the same checkpoint (dtype and matmul "
-        f"dtype as `drafter_dtype: auto` picks for a float32 target here), T = {DEFAULTS.diffusion_steps}, gamma "
+        f"One process, the three builds of each drafter from the same checkpoint (dtype "
+        f"and matmul dtype as `drafter_dtype: auto` picks for a float32 target here), "
+        f"T = {DEFAULTS.diffusion_steps}, gamma "
         f"{args.gamma}, prompts of {args.prompt_tokens} tokens growing by "
         f"{args.accepted} + 1 a step, a 16 MiB buffer written between steps. Cells: "
         f"median ms per drafting step ({args.steps} steps a round), median [min-max] of "

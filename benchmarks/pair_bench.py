@@ -11,12 +11,14 @@ acceptance and speed of each method at fixed settings, greedy and temperature 1.
 
 Where spec_bench.py mixes Spec-Bench categories and lets specdiff's adaptive draft
 length choose, this measures each drafter as trained: specdiff at fixed gamma and T
-(``adaptive: false``, every draft from the MDLM: ``prompt_lookup_min: 0``; with the drafter's own context window (``auto``), with a
-16-token window, and with the drafter in bfloat16), specdiff's defaults (adaptive, with
-prompt lookup off and copying after any match), vLLM's ``draft_model``
-with the pair's AR drafter at each gamma (argmax drafts, and at gamma 4 and 8 drafts
-sampled from its q with q verified), and ``ngram`` g4 and g8. Prompts: the first ``--prompt-tokens`` tokens
-of held-out TinyStories stories (the v1 valid slice, never trained on). Protocol
+(``adaptive: false``, every draft from the MDLM: ``prompt_lookup_min: 0``; with the
+drafter's own context window (``auto``), with a 16-token window, and with the drafter
+in bfloat16), specdiff's defaults (adaptive; also with prompt lookup off and with
+copying after any match), vLLM's ``draft_model`` with the pair's AR drafter at each
+gamma (argmax drafts, and at gamma 4 and 8 drafts sampled from its q with q verified),
+and ``ngram`` g4 and g8. Prompts: the first ``--prompt-tokens`` tokens of held-out
+TinyStories stories (the v1 valid slice, never trained on); ``--max-tokens`` up to the
+target's context (engines are built for the longest prompt plus it). Protocol
 (spec_bench.py's): engines in their own processes, an untimed warm-up round, then
 ``--repeats`` interleaved rounds; cells are median [min-max]; speedups are per-round
 ratios to plain decoding. tau = 1 + accepted / drafts from vLLM's counters.
