@@ -23,7 +23,9 @@ run), greedy, per category. Methods, every setting pinned and printed:
 ``--lookup``: the question of prompt lookup beside the MDLM instead (specdiff's
 ``prompt_lookup_min``): the pair's drafter at its default settings with lookup off
 (``prompt_lookup_min=0``, the MDLM drafts every row) and with n-grams of at least 1, 2,
-3 and 4 tokens copied from the context, against ``ngram`` g4/g8.
+3 and 4 tokens copied from the context, against ``ngram`` g4/g8 (``--ngram-gammas`` and
+``--lookup-mins`` pick other draft lengths and settings: e.g. ``--ngram-gammas 4 8 12 16
+--lookup-mins 1 2``, the baseline tuned over its draft length).
 
 ``--pair small``: the small pair has a block-causal drafter only, so its rows are the
 last three (whole context, W = 16 cached, W = 16 uncached) and the default
@@ -55,24 +57,26 @@ RESULTS = ROOT / "benchmarks" / "results"
 MDLM = ROOT / "models" / "tiny-mdlm"
 BLOCK_CAUSAL = ROOT / "models" / "tiny-mdlm-block-causal"
 WHOLE = None  # context_window null: the whole context
+NGRAM_GAMMAS = (4, 8)
+LOOKUP_MINS = (0, 1, 2, 3, 4)  # --lookup: specdiff's prompt_lookup_min settings
 
 
-def methods(gamma: int, pair: str, lookup: bool = False) -> list:
+def methods(gamma: int, pair: str, lookup: bool = False, ngram_gammas=NGRAM_GAMMAS,
+            lookup_mins=LOOKUP_MINS) -> list:
+    baselines = [NONE] + [ngram(g) for g in ngram_gammas]
     if lookup:
-        return [on_pair(m, PAIRS[pair]) for m in [NONE, ngram(4), ngram(8)] + [
-            specdiff(gamma, 1, prompt_lookup_min=n) for n in (0, 1, 2, 3, 4)]]
+        return [on_pair(m, PAIRS[pair]) for m in baselines + [
+            specdiff(gamma, 1, prompt_lookup_min=n) for n in lookup_mins]]
     def mdlm(**settings):  # the context is the question: every draft from the MDLM
         return specdiff(gamma, 1, **settings, **MDLM_ONLY)
 
     if pair != "tiny":
-        return [on_pair(m, PAIRS[pair]) for m in [
-            NONE, ngram(4), ngram(8),
+        return [on_pair(m, PAIRS[pair]) for m in baselines + [
             mdlm(context_window="auto", drafter_cache="exact"),
             mdlm(context_window=WHOLE, drafter_cache="exact"),
             mdlm(context_window=16, drafter_cache="exact"),
             mdlm(context_window=16, drafter_cache="off")]]
-    return [
-        NONE, ngram(4), ngram(8),
+    return baselines + [
         mdlm(model=str(MDLM), context_window=16, drafter_cache="off"),
         mdlm(model=str(MDLM), context_window=16, drafter_cache="approximate"),
         mdlm(model=str(MDLM), context_window=WHOLE, drafter_cache="approximate"),
@@ -96,6 +100,10 @@ def main(argv=None) -> int:
     ap.add_argument("--pair", choices=sorted(PAIRS), default="tiny")
     ap.add_argument("--lookup", action="store_true",
                     help="prompt lookup beside the MDLM (off, n >= 1, 2, 3, 4) instead")
+    ap.add_argument("--ngram-gammas", type=int, nargs="+", default=list(NGRAM_GAMMAS),
+                    help="the ngram baseline's draft lengths")
+    ap.add_argument("--lookup-mins", type=int, nargs="+", default=list(LOOKUP_MINS),
+                    help="with --lookup: specdiff's prompt_lookup_min settings")
     ap.add_argument("--out", default=None,
                     help="result stem (default benchmarks/results/context_bench[_<pair>][_lookup])")
     args = ap.parse_args(argv)
@@ -113,7 +121,7 @@ def main(argv=None) -> int:
             by_cat[cat].append(ids)
     started = time.time()
     log = lambda msg: print(f"[{(time.time() - started) / 60:5.1f} min] {msg}", flush=True)  # noqa: E731
-    all_methods = methods(args.gamma, args.pair, args.lookup)
+    all_methods = methods(args.gamma, args.pair, args.lookup, args.ngram_gammas, args.lookup_mins)
     cells = []
     for g, group in enumerate(groups_of(all_methods, args.max_engines)):
         log(f"starting {len(group)} engines: {[m.name for m in group]}")

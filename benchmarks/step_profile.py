@@ -76,6 +76,7 @@ TIMERS = [
     ("post_step (draft hand-over)", "vllm.v1.engine.core:EngineCore.post_step", None),
 ]
 PARENT = {label: parent for label, _, parent in TIMERS}
+MEANS = ("step", "target forward", "drafting")  # also reported as means: they add up over a run
 
 
 def depth(label: str) -> int:
@@ -175,7 +176,7 @@ def methods(quick: bool, pair: str) -> dict[str, dict | None]:
                    on_pair(m, PAIRS[pair]).speculative_config for m in fixed},
                 **defaults(d, on_pair(default, PAIRS[pair]).speculative_config)}
     out = {"none": None, "ngram g4": ngram(4).speculative_config,
-           **defaults(d, default.speculative_config)}
+           "ngram g8": ngram(8).speculative_config, **defaults(d, default.speculative_config)}
     if not quick:
         out["specdiff g8 T1 fixed"] = specdiff(8, 1, adaptive=False, **MDLM_ONLY).speculative_config
     return out
@@ -213,9 +214,16 @@ def profile(name, spec_config, target, batches, max_tokens, temperature, timers,
             tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
             parts = {label: statistics.median(s.get(label, 0.0) for s in decode) * 1e3
                      for label, _, _ in TIMERS}
+            # Per step, then the median: a method whose steps are of two kinds (copied
+            # drafts and MDLM drafts) has medians that do not add up, and a difference
+            # of medians showed 0.3 ms of "rest" that no step spent.
             for parent in ("step", "execute_model", "sample_tokens"):
-                parts[f"rest of {parent}"] = parts[parent] - sum(
-                    parts[label] for label, _, p in TIMERS if p == parent)
+                children = [label for label, _, p in TIMERS if p == parent]
+                parts[f"rest of {parent}"] = statistics.median(
+                    s.get(parent, 0.0) - sum(s.get(c, 0.0) for c in children)
+                    for s in decode) * 1e3
+            for label in MEANS:
+                parts[f"{label}, mean"] = statistics.mean(s.get(label, 0.0) for s in decode) * 1e3
             mean_tokens_per_step = statistics.mean(s["_tokens"] for s in decode) / b
             cells.append({"method": name, "batch": b, "tokens_per_s": tokens / seconds,
                           "decode_steps": len(decode), "scheduled_tokens_per_request":
@@ -243,7 +251,7 @@ def report(cells, env) -> str:
              f"Workload: target {env.get('target', 'tiny-target')}; {WORKLOADS[env.get('workload', 'stories')]}, "
              f"{env['max_tokens']} new tokens each, "
              f"temperature {env['temperature']}; the second of two identical runs.", "",
-             "Rows indented under a part are inside it; `rest of X` is X's time outside its timed parts. `tokens/step` is the tokens the target",
+             "Rows indented under a part are inside it; `rest of X` is X's time outside its timed parts (the median over steps); `X, mean` is the mean over steps (medians of a mix of step kinds do not add up, means do). `tokens/step` is the tokens the target",
              "scores per request per step (1 for plain decoding, 1 + draft length otherwise).", ""]
     for b in batches:
         row = {c["method"]: c for c in cells if c["batch"] == b}
@@ -257,7 +265,7 @@ def report(cells, env) -> str:
         lines.append("| tokens/step | " + " | ".join(
             f"{row[n]['scheduled_tokens_per_request']:.2f}" if n in row else "-" for n in names) + " |")
         rests = ["rest of execute_model", "rest of sample_tokens", "rest of step"]
-        for label in [t[0] for t in TIMERS] + rests:
+        for label in [t[0] for t in TIMERS] + rests + [f"{m}, mean" for m in MEANS]:
             level = depth(label) if label in PARENT else 1
             shown = "&nbsp;" * 4 * max(0, level - 1) + label
             lines.append(f"| {shown} | " + " | ".join(
