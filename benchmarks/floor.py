@@ -95,7 +95,7 @@ def report(cells, load_cells, env, args, minutes, methods) -> str:
              f"Command: `{env['command']}`  ", f"Commit: {env['commit']}  ",
              f"Date: {env['date']}; wall time {minutes:.0f} min  ",
              f"Machine: {env['cpu']}, {env['cores']} cores, torch threads {env['torch_threads']}, "
-             f"Intel OpenMP preloaded: {env['omp_preload']}; vLLM {env['vllm']} (CPU), {env['dtype']}  ",
+             f"Intel OpenMP preloaded: {env['omp_preload']}, glibc malloc tunables: {env.get('malloc_tunables', False)}; vLLM {env['vllm']} (CPU), {env['dtype']}  ",
              f"Workload: cell b = max_num_seqs b, 3b prompts at once, {args.max_tokens} new tokens "
              f"each; {engine_starts(args)}, each with one warm-up round, then {args.repeats} "
              f"interleaved repeats (rounds pooled). Goal: specdiff >= {GOAL}x plain decoding in "

@@ -55,8 +55,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from vllm_specdiff.runtime import (EMBEDDED_AR_DRAFTER, EMBEDDED_DRAFTER,  # noqa: E402
-                                   EMBEDDED_TARGET, HELD_OUT_TEXT, cpu_engine_defaults,
-                                   prepare_process)
+                                   EMBEDDED_TARGET, HELD_OUT_TEXT, MALLOC_TUNABLES,
+                                   cpu_engine_defaults, prepare_process)
 
 SPEC_BENCH = ROOT / "data" / "spec_bench" / "question.jsonl"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -501,7 +501,8 @@ def environment(script: str, argv: list[str]) -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu,
             "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "vllm": vllm_version, "dtype": cpu_engine_defaults()["dtype"],
-            "omp_preload": "libiomp5" in os.environ.get("LD_PRELOAD", "")}
+            "omp_preload": "libiomp5" in os.environ.get("LD_PRELOAD", ""),
+            "malloc_tunables": all(k in os.environ for k in MALLOC_TUNABLES)}
 
 
 def report(cells, length_cells, env, args, minutes) -> str:
@@ -512,7 +513,7 @@ def report(cells, length_cells, env, args, minutes) -> str:
              f"Command: `{env['command']}`  ", f"Commit: {env['commit']}  ",
              f"Date: {env['date']}; wall time {minutes:.0f} min  ",
              f"Machine: {env['cpu']}, {env['cores']} cores, torch threads {env['torch_threads']}, "
-             f"Intel OpenMP preloaded: {env['omp_preload']}; vLLM {env['vllm']} (CPU), {env['dtype']}  ",
+             f"Intel OpenMP preloaded: {env['omp_preload']}, glibc malloc tunables: {env.get('malloc_tunables', False)}; vLLM {env['vllm']} (CPU), {env['dtype']}  ",
              f"Workload: cell b = max_num_seqs b, 3b prompts (at least 7) submitted at once, "
              f"{args.max_tokens} new tokens each (ignore_eos); one warm-up round, then {args.repeats} "
              f"interleaved repeats, at most {args.max_engines} engines at once; "

@@ -247,7 +247,7 @@ def report(cells, env) -> str:
     lines = ["# Per-step cost breakdown (pure decode steps, median ms per step)", "",
              f"Command: `{env['command']}`  ", f"Commit: {env['commit']}  ", f"Date: {env['date']}  ",
              f"Machine: {env['cpu']}, {env['cores']} cores, torch threads {env['torch_threads']}, "
-             f"Intel OpenMP preloaded: {env['omp_preload']}; vLLM {env['vllm']} (CPU), {env['dtype']}  ",
+             f"Intel OpenMP preloaded: {env['omp_preload']}, glibc malloc tunables: {env.get('malloc_tunables', False)}; vLLM {env['vllm']} (CPU), {env['dtype']}  ",
              f"Workload: target {env.get('target', 'tiny-target')}; {WORKLOADS[env.get('workload', 'stories')]}, "
              f"{env['max_tokens']} new tokens each, "
              f"temperature {env['temperature']}; the second of two identical runs.", "",
