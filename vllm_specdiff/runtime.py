@@ -50,8 +50,9 @@ def reexec_for_cpu() -> None:
 
 
 def prepare_process(quiet: bool = False) -> None:
-    """For scripts that build engines in-process: Intel OpenMP, in-process engines
-    (reachable for timing, quick to close), a 1 GiB KV cache on CPU."""
+    """For scripts that build engines in-process: Intel OpenMP and freed memory kept
+    (``reexec_for_cpu``), in-process engines (reachable for timing, quick to close), a
+    1 GiB KV cache on CPU."""
     reexec_for_cpu()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
