@@ -38,8 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from spec_bench import (NONE, PAIRS, RESULTS, environment, fmt, load_prompts,  # noqa: E402
-                        median_range, on_pair, pooled_runs, run_rounds, specdiff,
-                        speedup_cell, summarise)
+                        machine_line, median_range, on_pair, pooled_runs, run_rounds,
+                        specdiff, speedup_cell, summarise)
 
 from vllm_specdiff.config import SpecDiffConfig  # noqa: E402
 from vllm_specdiff.runtime import EMBEDDED_TARGET, prepare_process  # noqa: E402
@@ -94,8 +94,7 @@ def report(cells, load_cells, env, args, minutes, methods) -> str:
              f"({args.pair} pair)", "",
              f"Command: `{env['command']}`  ", f"Commit: {env['commit']}  ",
              f"Date: {env['date']}; wall time {minutes:.0f} min  ",
-             f"Machine: {env['cpu']}, {env['cores']} cores, torch threads {env['torch_threads']}, "
-             f"Intel OpenMP preloaded: {env['omp_preload']}, glibc malloc tunables: {env.get('malloc_tunables', False)}; vLLM {env['vllm']} (CPU), {env['dtype']}  ",
+             machine_line(env) + "  ",
              f"Workload: cell b = max_num_seqs b, 3b prompts at once, {args.max_tokens} new tokens "
              f"each; {engine_starts(args)}, each with one warm-up round, then {args.repeats} "
              f"interleaved repeats (rounds pooled). Goal: specdiff >= {GOAL}x plain decoding in "

@@ -505,6 +505,13 @@ def environment(script: str, argv: list[str]) -> dict:
             "malloc_tunables": all(k in os.environ for k in MALLOC_TUNABLES)}
 
 
+def machine_line(env: dict) -> str:
+    """The result header's machine line, with the process set-up ``prepare_process`` made."""
+    return (f"Machine: {env['cpu']}, {env['cores']} cores, torch threads {env['torch_threads']}, "
+            f"Intel OpenMP preloaded: {env['omp_preload']}, glibc malloc tunables: "
+            f"{env['malloc_tunables']}; vLLM {env['vllm']} (CPU), {env['dtype']}")
+
+
 def report(cells, length_cells, env, args, minutes) -> str:
     batches = sorted({c["batch"] for c in cells})
     pair = PAIRS[args.pair]
@@ -512,8 +519,7 @@ def report(cells, length_cells, env, args, minutes) -> str:
              f"{pair.ar.name}), through vLLM's public API", "",
              f"Command: `{env['command']}`  ", f"Commit: {env['commit']}  ",
              f"Date: {env['date']}; wall time {minutes:.0f} min  ",
-             f"Machine: {env['cpu']}, {env['cores']} cores, torch threads {env['torch_threads']}, "
-             f"Intel OpenMP preloaded: {env['omp_preload']}, glibc malloc tunables: {env.get('malloc_tunables', False)}; vLLM {env['vllm']} (CPU), {env['dtype']}  ",
+             machine_line(env) + "  ",
              f"Workload: cell b = max_num_seqs b, 3b prompts (at least 7) submitted at once, "
              f"{args.max_tokens} new tokens each (ignore_eos); one warm-up round, then {args.repeats} "
              f"interleaved repeats, at most {args.max_engines} engines at once; "

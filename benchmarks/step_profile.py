@@ -242,12 +242,13 @@ def profile(name, spec_config, target, batches, max_tokens, temperature, timers,
 
 
 def report(cells, env) -> str:
+    from spec_bench import machine_line
+
     names = list(dict.fromkeys(c["method"] for c in cells))
     batches = sorted({c["batch"] for c in cells})
     lines = ["# Per-step cost breakdown (pure decode steps, median ms per step)", "",
              f"Command: `{env['command']}`  ", f"Commit: {env['commit']}  ", f"Date: {env['date']}  ",
-             f"Machine: {env['cpu']}, {env['cores']} cores, torch threads {env['torch_threads']}, "
-             f"Intel OpenMP preloaded: {env['omp_preload']}, glibc malloc tunables: {env.get('malloc_tunables', False)}; vLLM {env['vllm']} (CPU), {env['dtype']}  ",
+             machine_line(env) + "  ",
              f"Workload: target {env.get('target', 'tiny-target')}; {WORKLOADS[env.get('workload', 'stories')]}, "
              f"{env['max_tokens']} new tokens each, "
              f"temperature {env['temperature']}; the second of two identical runs.", "",
